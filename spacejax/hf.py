@@ -1,0 +1,326 @@
+"""Hugging Face checkpoints <-> (ModelConfig, params), and tokenizer loading.
+
+A Hugging Face directory holds `config.json` and either `model.safetensors` or shards listed in
+`model.safetensors.index.json`. Linear weights are stored `[out, in]` in PyTorch; ours are Flax
+kernels `[in..., out...]` with heads split out, and per-layer tensors are stacked on a leading
+`layers` axis (the model scans over it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import jax
+import numpy as np
+import transformers
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from spacejax import model
+from spacejax.config import ModelConfig, RopeScaling
+
+log = logging.getLogger(__name__)
+
+SUPPORTED = ("llama", "mistral", "qwen2")
+HF_CONFIG_CLASSES = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+                     "qwen2": transformers.Qwen2Config}
+HF_MODEL_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                    "qwen2": "Qwen2ForCausalLM"}
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class CheckpointError(ValueError):
+    """A Hugging Face checkpoint is unsupported, incomplete or misshapen; the message names what."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+    """One Hugging Face tensor and the params leaf it becomes.
+
+    `linear_fan_in_dims` > 0 marks a PyTorch Linear weight `[out, in]`: our kernel is its
+    transpose reshaped so that the first `linear_fan_in_dims` axes are the input.
+    `merge_heads` marks a q/k/v bias, stored `[heads * head_dim]` and kept `[heads, head_dim]`.
+    """
+
+    hf_name: str
+    path: tuple[str, ...]
+    linear_fan_in_dims: int = 0
+    merge_heads: bool = False
+
+
+def tensor_map(cfg: ModelConfig) -> list[Tensor]:
+    """Every tensor of a checkpoint for `cfg`; `{i}` in a name is the layer index."""
+    layer = "model.layers.{i}."
+    tensors = [Tensor("model.embed_tokens.weight", ("embed_tokens", "embedding")),
+               Tensor("model.norm.weight", ("norm", "scale")),
+               Tensor(layer + "input_layernorm.weight", ("layers", "input_layernorm", "scale")),
+               Tensor(layer + "post_attention_layernorm.weight",
+                      ("layers", "post_attention_layernorm", "scale"))]
+    for name in ("q_proj", "k_proj", "v_proj"):
+        tensors.append(Tensor(layer + f"self_attn.{name}.weight", ("layers", "self_attn", name, "kernel"), 1))
+        if cfg.qkv_bias:
+            tensors.append(Tensor(layer + f"self_attn.{name}.bias", ("layers", "self_attn", name, "bias"),
+                                  merge_heads=True))
+    tensors.append(Tensor(layer + "self_attn.o_proj.weight", ("layers", "self_attn", "o_proj", "kernel"), 2))
+    if cfg.out_bias:
+        tensors.append(Tensor(layer + "self_attn.o_proj.bias", ("layers", "self_attn", "o_proj", "bias")))
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        tensors.append(Tensor(layer + f"mlp.{name}.weight", ("layers", "mlp", name, "kernel"), 1))
+    if not cfg.tie_word_embeddings:
+        tensors.append(Tensor("lm_head.weight", ("lm_head", "kernel"), 1))
+    return tensors
+
+
+def _to_hf(tensor: Tensor, leaf: np.ndarray) -> np.ndarray:
+    """One layer's (or a global) params leaf -> the Hugging Face tensor."""
+    if tensor.linear_fan_in_dims:
+        fan_in = int(np.prod(leaf.shape[:tensor.linear_fan_in_dims]))
+        return np.ascontiguousarray(leaf.reshape(fan_in, -1).T)
+    if tensor.merge_heads:
+        return np.ascontiguousarray(leaf.reshape(-1))
+    return np.ascontiguousarray(leaf)
+
+
+def _from_hf(tensor: Tensor, value: np.ndarray, leaf_shape: tuple[int, ...]) -> np.ndarray:
+    if tensor.linear_fan_in_dims:
+        value = value.T
+    return value.reshape(leaf_shape)
+
+
+def _get(tree: dict, path: tuple[str, ...]):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _is_layered(tensor: Tensor) -> bool:
+    return "{i}" in tensor.hf_name
+
+
+# ----------------------------------------------------------------------------------- config
+
+
+def config_from_hf(hf_config: transformers.PretrainedConfig, **overrides) -> ModelConfig:
+    """A transformers config -> ModelConfig; `overrides` set ModelConfig fields (dtypes, remat)."""
+    arch = hf_config.model_type
+    if arch not in SUPPORTED:
+        raise CheckpointError(f"unsupported architecture {arch!r}; spacejax supports {list(SUPPORTED)}")
+    if getattr(hf_config, "hidden_act", "silu") != "silu":
+        raise CheckpointError(f"unsupported hidden_act {hf_config.hidden_act!r}; only 'silu' (SwiGLU)")
+    if getattr(hf_config, "mlp_bias", False):
+        raise CheckpointError("unsupported mlp_bias=True; these families have no MLP bias")
+    if arch == "qwen2" and getattr(hf_config, "use_sliding_window", False):
+        raise CheckpointError("unsupported Qwen2 use_sliding_window=True (per-layer windows)")
+    rope = dict(hf_config.rope_parameters or {})
+    rope_type = rope.get("rope_type", "default")
+    if rope_type not in ("default", "llama3"):
+        raise CheckpointError(f"unsupported rope_type {rope_type!r}; supported: 'default', 'llama3'")
+    rope_scaling = None
+    if rope_type == "llama3":
+        rope_scaling = RopeScaling(
+            factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
+            high_freq_factor=float(rope["high_freq_factor"]),
+            original_max_position_embeddings=int(rope["original_max_position_embeddings"]))
+    eos = hf_config.eos_token_id
+    eos_ids = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+    attention_bias = bool(getattr(hf_config, "attention_bias", False))
+    fields = dict(
+        architecture=arch,
+        vocab_size=hf_config.vocab_size,
+        hidden_size=hf_config.hidden_size,
+        intermediate_size=hf_config.intermediate_size,
+        num_layers=hf_config.num_hidden_layers,
+        num_heads=hf_config.num_attention_heads,
+        num_kv_heads=hf_config.num_key_value_heads or hf_config.num_attention_heads,
+        head_dim=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads,
+        rms_norm_eps=float(hf_config.rms_norm_eps),
+        rope_theta=float(rope.get("rope_theta", 10000.0)),
+        rope_scaling=rope_scaling,
+        max_position_embeddings=hf_config.max_position_embeddings,
+        sliding_window=getattr(hf_config, "sliding_window", None) if arch == "mistral" else None,
+        qkv_bias=arch == "qwen2" or attention_bias,
+        out_bias=arch == "llama" and attention_bias,
+        tie_word_embeddings=bool(hf_config.tie_word_embeddings),
+        bos_token_id=hf_config.bos_token_id,
+        eos_token_ids=eos_ids,
+    )
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def config_to_hf(cfg: ModelConfig) -> transformers.PretrainedConfig:
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling is not None:
+        rope.update(rope_type="llama3", **dataclasses.asdict(cfg.rope_scaling))
+    kwargs = dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
+        rope_parameters=rope, max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=cfg.tie_word_embeddings, bos_token_id=cfg.bos_token_id,
+        eos_token_id=(list(cfg.eos_token_ids) if len(cfg.eos_token_ids) > 1
+                      else cfg.eos_token_ids[0] if cfg.eos_token_ids else None),
+        hidden_act="silu", architectures=[HF_MODEL_CLASSES[cfg.architecture]], dtype=cfg.param_dtype)
+    if cfg.architecture == "llama":
+        if cfg.qkv_bias != cfg.out_bias:
+            raise CheckpointError("a llama checkpoint has bias on q, k, v and o together or on none; "
+                                  f"got qkv_bias={cfg.qkv_bias}, out_bias={cfg.out_bias}")
+        kwargs.update(attention_bias=cfg.qkv_bias)
+    elif cfg.architecture == "mistral":
+        kwargs.update(sliding_window=cfg.sliding_window)
+    elif cfg.architecture == "qwen2" and (not cfg.qkv_bias or cfg.out_bias):
+        raise CheckpointError("a qwen2 checkpoint has bias on q, k, v only: set qkv_bias=True, out_bias=False")
+    return HF_CONFIG_CLASSES[cfg.architecture](**kwargs)
+
+
+# ----------------------------------------------------------------------------------- tensors
+
+
+def _checkpoint_files(path: Path) -> dict[str, Path]:
+    """tensor name -> the safetensors file holding it."""
+    index = path / INDEX_FILE
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: path / file for name, file in weight_map.items()}
+    single = path / SINGLE_FILE
+    if single.exists():
+        with safe_open(single, framework="numpy") as f:
+            return {name: single for name in f.keys()}
+    raise CheckpointError(f"{path} has neither {SINGLE_FILE} nor {INDEX_FILE}; spacejax reads safetensors "
+                          "checkpoints (re-save a PyTorch .bin checkpoint with save_pretrained).")
+
+
+def _read_tensors(files: dict[str, Path], names: list[str]) -> Iterator[tuple[str, np.ndarray]]:
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(files[name], []).append(name)
+    for file, file_names in by_file.items():
+        with safe_open(file, framework="numpy") as f:
+            for name in file_names:
+                yield name, f.get_tensor(name)
+
+
+def load(path, **overrides) -> tuple[ModelConfig, dict]:
+    """Load a local Hugging Face checkpoint directory -> (ModelConfig, params of numpy arrays).
+
+    `overrides` set ModelConfig fields, e.g. `param_dtype="bfloat16"`, `remat="full"`; params are
+    cast to `param_dtype` (float32 unless overridden).
+    """
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise CheckpointError(f"{path / 'config.json'} not found: pass a Hugging Face model directory")
+    cfg = config_from_hf(transformers.AutoConfig.from_pretrained(path), **overrides)
+    files = _checkpoint_files(path)
+    shapes = jax.eval_shape(lambda: model.init(cfg, jax.random.key(0)))
+    tensors = tensor_map(cfg)
+    wanted = {}
+    for tensor in tensors:
+        for i in range(cfg.num_layers) if _is_layered(tensor) else [None]:
+            wanted[tensor.hf_name.format(i=i)] = (tensor, i)
+    missing = [name for name in wanted if name not in files]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks tensor {missing[0]!r} ({len(missing)} missing in all)")
+    unused = [n for n in files if n not in wanted and not n.endswith(IGNORED_SUFFIXES)]
+    if unused:
+        log.warning("ignoring %d tensors of %s not used by the model, e.g. %s", len(unused), path, unused[0])
+
+    params: dict = {}
+    dtype = np.dtype(cfg.param_dtype) if cfg.param_dtype != "bfloat16" else jax.numpy.bfloat16
+    for name, value in _read_tensors(files, list(wanted)):
+        tensor, layer = wanted[name]
+        leaf_shape = _get(shapes, tensor.path).shape
+        one_shape = leaf_shape[1:] if layer is not None else leaf_shape
+        expected = _to_hf(tensor, np.zeros(one_shape, np.int8)).shape
+        if tuple(value.shape) != expected:
+            raise CheckpointError(f"tensor {name!r} in {files[name].name} has shape {tuple(value.shape)}, "
+                                  f"expected {expected} from config.json")
+        value = _from_hf(tensor, value, one_shape).astype(dtype)
+        if layer is None:
+            _set(params, tensor.path, value)
+        else:
+            if layer == 0:
+                _set(params, tensor.path, np.empty(leaf_shape, dtype))
+            _get(params, tensor.path)[layer] = value
+    return cfg, params
+
+
+def _hf_tensors(cfg: ModelConfig, params: dict) -> Iterator[tuple[str, np.ndarray]]:
+    for tensor in tensor_map(cfg):
+        leaf = np.asarray(jax.device_get(_get(params, tensor.path)))
+        if _is_layered(tensor):
+            for i in range(cfg.num_layers):
+                yield tensor.hf_name.format(i=i), _to_hf(tensor, leaf[i])
+        else:
+            yield tensor.hf_name, _to_hf(tensor, leaf)
+
+
+def save(cfg: ModelConfig, params: dict, out_dir, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+         tokenizer=None) -> None:
+    """Write config.json and safetensors (sharded with an index above `max_shard_bytes`) that
+    `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads; optionally the tokenizer.
+
+    Files are written to a temporary directory first and moved in when complete.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir.parent))
+    try:
+        config_to_hf(cfg).save_pretrained(staging)
+        _write_shards(staging, _hf_tensors(cfg, params), max_shard_bytes)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        out_dir.mkdir(exist_ok=True)
+        for stale in (SINGLE_FILE, INDEX_FILE):
+            (out_dir / stale).unlink(missing_ok=True)
+        for file in staging.iterdir():
+            os.replace(file, out_dir / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_shards(out_dir: Path, tensors: Iterator[tuple[str, np.ndarray]], max_shard_bytes: int) -> None:
+    shards: list[dict[str, np.ndarray]] = [{}]
+    shard_bytes = 0
+    total = 0
+    for name, value in tensors:
+        if shards[-1] and shard_bytes + value.nbytes > max_shard_bytes:
+            shards.append({})
+            shard_bytes = 0
+        shards[-1][name] = value
+        shard_bytes += value.nbytes
+        total += value.nbytes
+    if len(shards) == 1:
+        save_file(shards[0], out_dir / SINGLE_FILE, metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for number, shard in enumerate(shards, start=1):
+        file = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, out_dir / file, metadata={"format": "pt"})
+        weight_map.update({name: file for name in shard})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2))
+
+
+def load_tokenizer(path) -> transformers.PreTrainedTokenizerBase:
+    """A tokenizer from a local directory (no downloads)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"tokenizer directory {path} not found")
+    return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+
