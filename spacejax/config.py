@@ -6,8 +6,11 @@ This module is the ground floor: it imports nothing from spacejax.
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 import typing
 from typing import Optional
+
+import yaml
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")
 REMAT_POLICIES = ("none", "full", "dots")
@@ -16,6 +19,18 @@ DTYPES = ("float32", "bfloat16")
 
 class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type or impossible; the message names the key."""
+
+
+def check_choice(key: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
+
+
+def positive(section: str, config, *keys: str) -> None:
+    for key in keys:
+        value = getattr(config, key)
+        if value <= 0:
+            raise ConfigError(f"{section}.{key} must be > 0, got {value}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,10 +79,8 @@ class ModelConfig:
         check_choice("model.remat", self.remat, REMAT_POLICIES)
         check_choice("model.param_dtype", self.param_dtype, DTYPES)
         check_choice("model.dtype", self.dtype, DTYPES)
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                    "num_kv_heads", "head_dim"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"model.{key} must be positive, got {getattr(self, key)}")
+        positive("model", self, "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                 "num_kv_heads", "head_dim")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"model.num_heads ({self.num_heads}) must be a multiple of model.num_kv_heads "
@@ -78,9 +91,213 @@ class ModelConfig:
             raise ConfigError(f"model.sliding_window must be positive or null, got {self.sliding_window}")
 
 
-def check_choice(key: str, value, choices) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
+@dataclasses.dataclass(frozen=True)
+class ToyConfig:
+    """The known-truth task (toy.py): C contexts, a Markov chain over S symbols per context."""
+
+    num_contexts: int = 4
+    num_symbols: int = 8
+    max_response_length: int = 12
+    end_probability: float = 0.15  # mean probability of END after each symbol
+    concentration: float = 0.5  # Dirichlet concentration of each row: lower is more peaked
+    seed: int = 0  # fixes the task's distributions (not the run's randomness)
+
+    def __post_init__(self):
+        positive("data.toy", self, "num_contexts", "num_symbols")
+        if self.max_response_length < 2:
+            raise ConfigError(f"data.toy.max_response_length must be >= 2, got {self.max_response_length}")
+        if not 0 < self.end_probability < 1:
+            raise ConfigError(f"data.toy.end_probability must be in (0, 1), got {self.end_probability}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the real (prompt, response) pairs come from and how they are tokenized.
+
+    `source`: "toy" (the known-truth task), a .jsonl or .parquet file, a `datasets.save_to_disk`
+    directory, or "tfds:NAME" (array_record files under `tfds_data_dir`).
+    """
+
+    source: str = "toy"
+    split: Optional[str] = None
+    tfds_data_dir: Optional[str] = None
+    tokenizer: Optional[str] = None  # a local tokenizer directory; required for text sources
+    num_train: int = 256  # N real pairs used by every iteration (0: all rows after the eval rows)
+    num_eval: int = 64  # held-out real pairs for per-iteration evaluation
+    max_length: int = 1024
+    max_prompt_length: int = 512
+    buckets: tuple[int, ...] = (64, 128, 256, 512, 1024)
+    skip_bad_rows: bool = False
+    toy: ToyConfig = ToyConfig()
+
+    def __post_init__(self):
+        positive("data", self, "num_eval", "max_length", "max_prompt_length")
+        if self.num_train < 0:
+            raise ConfigError(f"data.num_train must be >= 0, got {self.num_train}")
+        if self.max_prompt_length >= self.max_length:
+            raise ConfigError(f"data.max_prompt_length ({self.max_prompt_length}) must be smaller than "
+                              f"data.max_length ({self.max_length})")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+    """How the opponent generates synthetic responses (top_k 0 and top_p 1 switch those filters off)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    num_samples: int = 1  # K synthetic responses per prompt
+    batch_size: int = 64
+
+    def __post_init__(self):
+        positive("sampler", self, "max_new_tokens", "num_samples", "batch_size")
+        if self.temperature < 0:
+            raise ConfigError(f"sampler.temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ConfigError(f"sampler.top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"sampler.top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """`kind` names a loss of `losses.LOSSES`; `beta` null takes that loss's own default."""
+
+    kind: str = "space"
+    mu: float = 1.0
+    beta: Optional[float] = None
+    label_smoothing: float = 0.0  # dpo only
+
+    def __post_init__(self):
+        if self.mu <= 0:
+            raise ConfigError(f"loss.mu must be > 0 (the noise ratio), got {self.mu}")
+        if self.beta is not None and self.beta <= 0:
+            raise ConfigError(f"loss.beta must be > 0, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"loss.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The player's optimisation inside one iteration. `batch_size` is the global number of
+    pairs per optimizer step, split into `grad_accum_steps` micro-batches."""
+
+    optimizer: str = "rmsprop"  # rmsprop (SPIN's recipe: no momentum, PyTorch's eps) | adamw
+    learning_rate: float = 5e-7
+    schedule: str = "linear"  # linear decay | cosine | constant, each after a linear warmup
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    epochs: int = 2
+    batch_size: int = 64
+    grad_accum_steps: int = 1
+    max_grad_norm: float = 1.0  # 0 switches clipping off
+    log_every: int = 1
+    max_nonfinite_in_a_row: int = 5
+
+    def __post_init__(self):
+        check_choice("train.optimizer", self.optimizer, ("rmsprop", "adamw"))
+        check_choice("train.schedule", self.schedule, ("linear", "cosine", "constant"))
+        positive("train", self, "learning_rate", "epochs", "batch_size", "grad_accum_steps", "log_every",
+                 "max_nonfinite_in_a_row")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.batch_size % self.grad_accum_steps:
+            raise ConfigError(f"train.batch_size ({self.batch_size}) must be divisible by "
+                              f"train.grad_accum_steps ({self.grad_accum_steps})")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh axis sizes; one may be -1, filled from the device count."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def __post_init__(self):
+        sizes = dataclasses.astuple(self)
+        if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+            raise ConfigError(f"mesh sizes must be positive with at most one -1, got {self}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SelfPlayConfig:
+    iterations: int = 3
+    mix_previous: bool = False  # SPIN: add the previous iteration's synthetic pairs to this one's
+    sft_epochs: int = 0  # SFT warm-up on the real data producing theta_0 (0: none)
+    sft_learning_rate: float = 1e-3
+    eval_kl_samples: int = 2000  # known-truth task: responses drawn from p_data to estimate the KL
+
+    def __post_init__(self):
+        positive("selfplay", self, "iterations", "sft_learning_rate", "eval_kl_samples")
+        if self.sft_epochs < 0:
+            raise ConfigError(f"selfplay.sft_epochs must be >= 0, got {self.sft_epochs}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 100  # Orbax save of the train state inside an iteration
+    keep: int = 2
+    export_hf: bool = False  # also write workdir/hf/iter_XXX/ after each iteration
+
+    def __post_init__(self):
+        positive("checkpoint", self, "every_steps", "keep")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs. `init_from`: a Hugging Face directory or a spacejax params
+    checkpoint for theta_0 (its architecture replaces `model`'s, its dtypes and remat are kept from
+    `model`); null initialises `model` at random."""
+
+    seed: int = 0
+    init_from: Optional[str] = None
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    sampler: SamplerConfig = SamplerConfig()
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+    mesh: MeshConfig = MeshConfig()
+    selfplay: SelfPlayConfig = SelfPlayConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+    def __post_init__(self):
+        fixed = [s for s in (self.mesh.data, self.mesh.fsdp) if s != -1]
+        if len(fixed) == 2 and (self.train.batch_size // self.train.grad_accum_steps) % (fixed[0] * fixed[1]):
+            raise ConfigError(
+                f"train.batch_size / train.grad_accum_steps = {self.train.batch_size // self.train.grad_accum_steps} "
+                f"must be divisible by mesh.data * mesh.fsdp = {fixed[0] * fixed[1]}")
+
+
+def load(path, overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """Read a YAML file and apply dotted `key=value` overrides (values parsed as YAML)."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} not found")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {override!r} must look like section.key=value")
+        _set_dotted(data, key.strip(), yaml.safe_load(text))
+    return from_dict(RunConfig, data)
+
+
+def _set_dotted(data: dict, key: str, value) -> None:
+    *sections, last = key.split(".")
+    for i, section in enumerate(sections):
+        node = data.setdefault(section, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {'.'.join(sections[:i + 1])} is not a section")
+        data = node
+    data[last] = value
+
+
+def dump(config: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
 
 
 def to_dict(config) -> dict:

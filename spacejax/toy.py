@@ -12,43 +12,23 @@ Token ids: PAD 0, BOS 1, END 2, contexts 3 .. 3+C-1, symbols 3+C .. 3+C+S-1.
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
+
+from spacejax.config import ToyConfig
 
 PAD, BOS, END = 0, 1, 2
 FIRST_CONTEXT = 3
 
 
-@dataclasses.dataclass(frozen=True)
-class ToyTask:
-    """The definition of a known-truth task; `seed` fixes its distributions."""
-
-    num_contexts: int = 4
-    num_symbols: int = 8
-    max_response_length: int = 12
-    end_probability: float = 0.15  # mean probability of END after each symbol
-    concentration: float = 0.5  # Dirichlet concentration of each row: lower is more peaked
-    seed: int = 0
-
-    @property
-    def vocab_size(self) -> int:
-        return FIRST_CONTEXT + self.num_contexts + self.num_symbols
-
-    @property
-    def first_symbol(self) -> int:
-        return FIRST_CONTEXT + self.num_contexts
-
-
 class KnownTruth:
-    """Exact sampler and log-probabilities of p_data for a `ToyTask`.
+    """Exact sampler and log-probabilities of p_data for the task a `ToyConfig` defines.
 
     initial_logp:    [C, S] log-probability of the first symbol of a response in context c.
     transition_logp: [C, S, S + 1] log-probability of the next token given the previous symbol;
                      the last column is END.
     """
 
-    def __init__(self, task: ToyTask):
+    def __init__(self, task: ToyConfig):
         self.task = task
         rng = np.random.default_rng(task.seed)
         c, s = task.num_contexts, task.num_symbols
@@ -58,6 +38,14 @@ class KnownTruth:
         transition = np.concatenate([symbols * (1 - end), end], axis=-1)
         self.initial_logp = np.log(initial)
         self.transition_logp = np.log(transition)
+
+    @property
+    def vocab_size(self) -> int:
+        return FIRST_CONTEXT + self.task.num_contexts + self.task.num_symbols
+
+    @property
+    def first_symbol(self) -> int:
+        return FIRST_CONTEXT + self.task.num_contexts
 
     def prompts(self, contexts: np.ndarray) -> np.ndarray:
         """contexts [N] -> prompt token ids [N, 2]."""
@@ -80,7 +68,7 @@ class KnownTruth:
                 done_now = np.zeros(n, bool)
             if j == length - 1:
                 done_now = np.ones(n, bool)
-            responses[:, j] = np.where(done, PAD, np.where(done_now, END, task.first_symbol + symbol))
+            responses[:, j] = np.where(done, PAD, np.where(done_now, END, self.first_symbol + symbol))
             done |= done_now
         return responses
 
@@ -94,8 +82,8 @@ class KnownTruth:
         for j in range(responses.shape[1]):
             token = responses[:, j]
             is_end = token == END
-            symbol = np.clip(token - task.first_symbol, 0, task.num_symbols - 1)
-            valid_symbol = (token >= task.first_symbol) & (token < task.vocab_size)
+            symbol = np.clip(token - self.first_symbol, 0, task.num_symbols - 1)
+            valid_symbol = (token >= self.first_symbol) & (token < self.vocab_size)
             if j == 0:
                 step = np.where(valid_symbol, self.initial_logp[contexts, symbol], -np.inf)
             elif j == task.max_response_length - 1:

@@ -6,13 +6,15 @@ import numpy as np
 from scipy import stats
 
 from spacejax import toy
+from spacejax.config import ToyConfig
 
-SMALL = toy.ToyTask(num_contexts=2, num_symbols=3, max_response_length=4, seed=3)
+SMALL = ToyConfig(num_contexts=2, num_symbols=3, max_response_length=4, seed=3)
 
 
-def all_responses(task: toy.ToyTask) -> np.ndarray:
+def all_responses(task: ToyConfig) -> np.ndarray:
     """Every END-terminated response of the task, padded: [M, max_response_length]."""
-    symbols = range(task.first_symbol, task.vocab_size)
+    truth = toy.KnownTruth(task)
+    symbols = range(truth.first_symbol, truth.vocab_size)
     rows = []
     for n in range(1, task.max_response_length):
         for body in itertools.product(symbols, repeat=n):
@@ -45,7 +47,7 @@ def test_samples_follow_the_exact_probabilities():
 
 def test_impossible_responses_have_zero_probability():
     truth = toy.KnownTruth(SMALL)
-    first = SMALL.first_symbol
+    first = truth.first_symbol
     impossible = np.array([
         [toy.END, toy.PAD, toy.PAD, toy.PAD],   # empty response
         [first, first, first, first],           # no END within max_response_length
@@ -55,17 +57,17 @@ def test_impossible_responses_have_zero_probability():
 
 
 def test_contexts_differ_and_prompts_name_them():
-    truth = toy.KnownTruth(toy.ToyTask())
+    truth = toy.KnownTruth(ToyConfig())
     assert np.abs(truth.initial_logp[0] - truth.initial_logp[1]).max() > 0.1
     np.testing.assert_array_equal(truth.prompts(np.array([0, 3])), [[toy.BOS, 3], [toy.BOS, 6]])
 
 
 def test_kl_estimate_is_zero_for_p_data_and_positive_for_another_model():
-    truth = toy.KnownTruth(toy.ToyTask())
+    truth = toy.KnownTruth(ToyConfig())
     contexts = np.random.default_rng(1).integers(0, 4, 5000)
     responses = truth.sample(np.random.default_rng(2), contexts)
     data_logps = truth.log_prob(contexts, responses)
     assert toy.kl_estimate(data_logps, data_logps) == (0.0, 0.0)
-    other = toy.KnownTruth(toy.ToyTask(seed=1))
+    other = toy.KnownTruth(ToyConfig(seed=1))
     kl, stderr = toy.kl_estimate(data_logps, other.log_prob(contexts, responses))
     assert kl > 10 * stderr > 0

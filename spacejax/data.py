@@ -1,0 +1,431 @@
+"""Chat data: read rows offline, tokenize them with the chat template, pad into length buckets.
+
+Sources (``read_rows``), all read offline:
+    "path/to/file.jsonl"     one JSON object per line (blank lines ignored)
+    "path/to/file.parquet"   one row per record
+    "path/to/dir"            a ``datasets.Dataset.save_to_disk`` directory, or a ``DatasetDict``
+                             one (pick the split with ``split=``; needed when it has several)
+    "tfds:NAME"              a TFDS dataset prepared as array_record files, read with
+                             ``tfds.data_source(NAME, split=split or "train", data_dir=data_dir)``
+                             (the optional ``tfds`` extra; no TensorFlow needed). Chat turns are
+                             stored either as a JSON-encoded string feature (``messages``, ``real``,
+                             ``generated``) or as ``Sequence({"role": Text, "content": Text})``.
+
+Row shapes (``tokenize_row``):
+    UltraChat  {"messages": [{"role", "content"}, ...], ...}: the response is the LAST assistant
+               turn, the prompt is every turn before it (turns after it are dropped).
+    SPIN pair  {"real": [user, assistant], "generated": [user, assistant]}: one prompt, a real
+               and a generated response; both sides must have the same prompt turns.
+    token ids  {"prompt_ids": [...], "real_ids" (or "response_ids"): [...], "generated_ids": [...]
+               (optional)}: used verbatim (no EOS appended), checked against the vocabulary.
+               Any row with ``prompt_ids`` is read this way, whatever else it holds.
+    Roles are system, user and assistant; every turn has non-empty string content.
+
+Tokenization: prompt = ``apply_chat_template(prompt_turns, add_generation_prompt=True,
+tokenize=False)`` encoded without special tokens (the template writes BOS and role tokens);
+response = encode(content) + [EOS]. Truncation (SPIN): the prompt keeps its last
+``max_prompt_length`` tokens, then each response keeps its first ``max_length - len(prompt)``.
+The prompt is cut even when the example would fit, so a prompt sampled for self-play and the
+prompt it is scored under are the same tokens.
+
+Batches (``collate`` / ``collate_pairs``), right-padded to ``L`` = the smallest bucket (from
+``buckets`` clipped to ``max_length``, with ``max_length`` itself the last) that fits the longest
+row:
+    tokens          int32   [B, L]  prompt, then response (ends in EOS unless cut), then pad_id
+    loss_mask       float32 [B, L]  1.0 exactly on response tokens (incl. EOS), else 0.0
+    attention_mask  int32   [B, L]  1 on prompt and response tokens, 0 on padding
+``loss_mask`` marks TARGET tokens. A consumer shifts by one (logits at t predict token t+1), so
+``sequence_logps(logits, tokens, loss_mask)`` sums log p(tokens[t] | tokens[<t]) over the t with
+loss_mask[t] = 1; the first response token is predicted from the last prompt position.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BUCKETS = (64, 128, 256, 512, 1024)
+ROLES = ("system", "user", "assistant")
+TFDS_PREFIX = "tfds:"
+_JSON_FIELDS = ("messages", "real", "generated")
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file, the row or line, and what to do."""
+
+
+@dataclass(frozen=True, eq=False)
+class Example:
+    """One tokenized row (after truncation).
+
+    prompt_ids:    int32 [P]  the rendered prompt, ending with the generation prompt
+    real_ids:      int32 [R]  the real (human) response, EOS appended for text rows
+    generated_ids: int32 [G]  a generated response to the same prompt, or None
+    row_index:     position of the row in its source (-1 if unknown)
+    """
+
+    prompt_ids: np.ndarray
+    real_ids: np.ndarray
+    generated_ids: np.ndarray | None = None
+    row_index: int = -1
+
+
+# ----------------------------------------------------------------------------- reading sources
+
+
+def read_rows(source: str | os.PathLike, *, split: str | None = None,
+              data_dir: str | os.PathLike | None = None) -> list[dict]:
+    """Read all rows of ``source`` (see the module docstring) as a list of dicts, offline.
+
+    ``split`` picks a split of a DatasetDict directory or a TFDS dataset (default "train");
+    ``data_dir`` is the TFDS data directory. Raises FileNotFoundError for a missing source and
+    DataError for a malformed file (a bad JSON line is named by its line number).
+    """
+    if isinstance(source, str) and source.startswith(TFDS_PREFIX):
+        return _read_tfds(source[len(TFDS_PREFIX):], split=split or "train", data_dir=data_dir)
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path}: no such file or directory. Pass a .jsonl or .parquet file, a directory "
+            f"written by datasets' save_to_disk, or '{TFDS_PREFIX}NAME' for a prepared TFDS dataset.")
+    if path.is_dir():
+        return _read_saved_dataset(path, split)
+    if path.suffix == ".jsonl":
+        return _read_jsonl(path)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .parquet, a "
+                    f"save_to_disk directory or '{TFDS_PREFIX}NAME'.")
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {line_number} is not valid JSON ({e.msg}, column "
+                                f"{e.colno}); every line of a .jsonl file must be one JSON object.") from None
+    return rows
+
+
+def _read_saved_dataset(path: Path, split: str | None) -> list[dict]:
+    import datasets
+
+    if (path / "dataset_dict.json").exists():
+        dataset_dict = datasets.load_from_disk(str(path))
+        splits = sorted(dataset_dict)
+        if split is None and len(splits) == 1:
+            split = splits[0]
+        if split not in dataset_dict:
+            raise DataError(f"{path}: a DatasetDict with splits {splits}; pass split= one of them "
+                            f"(got {split!r}).")
+        return dataset_dict[split].to_list()
+    if (path / "state.json").exists():
+        return datasets.load_from_disk(str(path)).to_list()
+    raise DataError(f"{path}: a directory, but not one written by datasets' save_to_disk (no "
+                    "dataset_dict.json or state.json); pass a .jsonl or .parquet file instead.")
+
+
+def _read_tfds(name: str, *, split: str, data_dir: str | os.PathLike | None) -> list[dict]:
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        raise ImportError(f"reading '{TFDS_PREFIX}{name}' needs tensorflow-datasets and array_record: "
+                          "pip install 'spacejax[tfds]'") from None
+    try:
+        source = tfds.data_source(name, split=split, data_dir=None if data_dir is None else str(data_dir))
+    except tfds.core.DatasetNotFoundError:
+        raise FileNotFoundError(
+            f"{TFDS_PREFIX}{name}: no prepared TFDS dataset {name!r} in data_dir={data_dir}; prepare "
+            "it with builder.download_and_prepare(file_format='array_record') or fix data_dir.") from None
+    rows, chunk = [], 1024
+    for start in range(0, len(source), chunk):
+        keys = list(range(start, min(start + chunk, len(source))))
+        rows += [_from_tfds_record(record) for record in source.__getitems__(keys)]
+    return rows
+
+
+def _plain(value: Any) -> Any:
+    """numpy / bytes values of a TFDS record -> plain Python (str, int, float, list, dict)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value] if value.dtype.kind in "OSU" else value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _from_tfds_record(record: dict) -> dict:
+    row = _plain(record)
+    for field in _JSON_FIELDS:
+        value = row.get(field)
+        if isinstance(value, str):  # a JSON-encoded list of turns
+            try:
+                row[field] = json.loads(value)
+            except json.JSONDecodeError:
+                pass  # left as a string: tokenize_row reports it as a bad row
+        elif isinstance(value, dict) and set(value) == {"role", "content"}:  # Sequence of dicts
+            row[field] = [{"role": r, "content": c} for r, c in zip(value["role"], value["content"])]
+    return row
+
+
+# ----------------------------------------------------------------------------- parsing rows
+
+
+def _turns(value: Any, field: str) -> list[dict]:
+    """Validate a list of {role, content} turns; raise DataError(reason) on the first problem."""
+    if not isinstance(value, list):
+        raise DataError(f"`{field}` must be a list of {{role, content}} turns, got {type(value).__name__}")
+    if not value:
+        raise DataError(f"`{field}` is an empty list of turns")
+    for j, turn in enumerate(value):
+        if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
+            raise DataError(f"`{field}[{j}]` must be an object with `role` and `content`")
+        role, content = turn["role"], turn["content"]
+        if role not in ROLES:
+            raise DataError(f"`{field}[{j}]` has unknown role {role!r}; use one of {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise DataError(f"`{field}[{j}]` content must be a string, got {type(content).__name__}")
+        if not content.strip():
+            raise DataError(f"`{field}[{j}]` ({role}) has empty content")
+    return [{"role": turn["role"], "content": turn["content"]} for turn in value]
+
+
+def split_conversation(value: Any, field: str = "messages") -> tuple[list[dict], str]:
+    """Validated turns -> (prompt turns before the last assistant turn, that turn's content)."""
+    turns = _turns(value, field)
+    last = max((j for j, turn in enumerate(turns) if turn["role"] == "assistant"), default=None)
+    if last is None:
+        raise DataError(f"`{field}` has no assistant turn, so there is no response to learn from")
+    prompt = turns[:last]
+    if not any(turn["role"] == "user" for turn in prompt):
+        raise DataError(f"`{field}` has no user turn before its last assistant turn (empty prompt)")
+    return prompt, turns[last]["content"]
+
+
+def _token_ids(value: Any, field: str, vocab_size: int) -> np.ndarray:
+    """A list of token ids -> int32 [N], checked to be non-empty and inside [0, vocab_size)."""
+    if isinstance(value, np.ndarray) and value.ndim == 1 and value.dtype.kind in "iu":
+        ids = value.astype(np.int64)
+    elif isinstance(value, (list, tuple)) and all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in value):
+        ids = np.asarray(value, dtype=np.int64)
+    else:
+        raise DataError(f"`{field}` must be a list of integer token ids")
+    if ids.size == 0:
+        raise DataError(f"`{field}` is empty")
+    outside = np.flatnonzero((ids < 0) | (ids >= vocab_size))
+    if outside.size:
+        j = int(outside[0])
+        raise DataError(f"`{field}[{j}]` = {ids[j]} is outside the vocabulary [0, {vocab_size}); "
+                        "the ids were made with another tokenizer: re-tokenize with this model's")
+    return ids.astype(np.int32)
+
+
+# ----------------------------------------------------------------------------- tokenizing
+
+
+def encode_prompt(tokenizer, turns: list[dict]) -> np.ndarray:
+    """Chat-template-rendered prompt (with the generation prompt) -> int32 [P]."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat_template; "
+                         "set tokenizer.chat_template or use a chat tokenizer")
+    text = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+    return np.asarray(tokenizer.encode(text, add_special_tokens=False), dtype=np.int32)
+
+
+def encode_response(tokenizer, content: str) -> np.ndarray:
+    """Response text -> int32 [R]: its tokens with one EOS appended."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("tokenizer has no eos_token; responses must end with one")
+    ids = tokenizer.encode(content, add_special_tokens=False) + [tokenizer.eos_token_id]
+    return np.asarray(ids, dtype=np.int32)
+
+
+def truncate(prompt_ids: np.ndarray, responses: Sequence[np.ndarray], *, max_length: int,
+             max_prompt_length: int) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+    """Keep the last ``max_prompt_length`` prompt tokens, then the first
+    ``max_length - len(prompt)`` tokens of each response. [P], [R_i] -> [P'], [R_i']."""
+    check_lengths(max_length, max_prompt_length)
+    prompt_ids = prompt_ids[max(0, len(prompt_ids) - max_prompt_length):]
+    room = max_length - len(prompt_ids)
+    return prompt_ids, tuple(response[:room] for response in responses)
+
+
+def check_lengths(max_length: int, max_prompt_length: int) -> None:
+    if not 0 < max_prompt_length < max_length:
+        raise ValueError(f"need 0 < max_prompt_length < max_length, got max_prompt_length="
+                         f"{max_prompt_length}, max_length={max_length}")
+
+
+def tokenize_row(row: Any, tokenizer=None, *, max_length: int, max_prompt_length: int,
+                 vocab_size: int | None = None, row_index: int = -1) -> Example:
+    """One row of any supported shape -> a truncated Example. Raises DataError(reason).
+
+    ``tokenizer`` is needed for text rows; ``vocab_size`` (default ``len(tokenizer)``) for id rows.
+    """
+    if not isinstance(row, dict):
+        raise DataError(f"a row must be an object, got {type(row).__name__}")
+    if "prompt_ids" in row:
+        if vocab_size is None:
+            if tokenizer is None:
+                raise ValueError("rows carry token ids: pass vocab_size= (or a tokenizer)")
+            vocab_size = len(tokenizer)
+        real_field = "real_ids" if "real_ids" in row else "response_ids"
+        if real_field not in row:
+            raise DataError("a row with `prompt_ids` needs `real_ids` (or `response_ids`)")
+        prompt = _token_ids(row["prompt_ids"], "prompt_ids", vocab_size)
+        responses = [_token_ids(row[real_field], real_field, vocab_size)]
+        if row.get("generated_ids") is not None:
+            responses.append(_token_ids(row["generated_ids"], "generated_ids", vocab_size))
+    elif "real" in row or "generated" in row:
+        if "real" not in row or "generated" not in row:
+            raise DataError("a pair row needs both `real` and `generated` conversations")
+        prompt_turns, real = split_conversation(row["real"], "real")
+        generated_prompt, generated = split_conversation(row["generated"], "generated")
+        if generated_prompt != prompt_turns:
+            raise DataError("`real` and `generated` have different prompt turns; a pair must share its prompt")
+        _require_tokenizer(tokenizer)
+        prompt = encode_prompt(tokenizer, prompt_turns)
+        responses = [encode_response(tokenizer, real), encode_response(tokenizer, generated)]
+    elif "messages" in row:
+        prompt_turns, real = split_conversation(row["messages"], "messages")
+        _require_tokenizer(tokenizer)
+        prompt, responses = encode_prompt(tokenizer, prompt_turns), [encode_response(tokenizer, real)]
+    else:
+        raise DataError("the row has no `messages`, no `real`/`generated` pair and no `prompt_ids`; "
+                        "see spacejax.data for the supported row shapes")
+    prompt, responses = truncate(prompt, responses, max_length=max_length,
+                                 max_prompt_length=max_prompt_length)
+    generated = responses[1] if len(responses) > 1 else None
+    return Example(prompt, responses[0], generated, row_index)
+
+
+def _require_tokenizer(tokenizer) -> None:
+    if tokenizer is None:
+        raise ValueError("text rows need a tokenizer (only rows with `prompt_ids` work without one)")
+
+
+def tokenize_rows(rows: Sequence[Any], tokenizer=None, *, max_length: int, max_prompt_length: int,
+                  source: str = "<rows>", skip_bad_rows: bool = False,
+                  vocab_size: int | None = None) -> tuple[list[Example], int]:
+    """Tokenize every row -> (examples, number of bad rows skipped).
+
+    A bad row raises DataError naming ``source`` and the row index, unless ``skip_bad_rows``:
+    then it is skipped, counted and logged (one warning with the count and the first reason).
+    A source with no usable rows is always an error.
+    """
+    check_lengths(max_length, max_prompt_length)
+    examples, skipped, first_problem = [], 0, None
+    for index, row in enumerate(rows):
+        try:
+            examples.append(tokenize_row(row, tokenizer, max_length=max_length,
+                                         max_prompt_length=max_prompt_length,
+                                         vocab_size=vocab_size, row_index=index))
+        except DataError as e:
+            if not skip_bad_rows:
+                raise DataError(f"{source}: row {index}: {e}. Fix or remove the row, or pass "
+                                "skip_bad_rows=True to skip bad rows.") from None
+            skipped += 1
+            first_problem = first_problem or f"row {index}: {e}"
+    if skipped:
+        logger.warning("%s: skipped %d bad row(s) of %d (first: %s)", source, skipped, len(rows),
+                       first_problem)
+    if not examples:
+        raise DataError(f"{source}: no usable rows ({len(rows)} read, {skipped} bad"
+                        + (f"; first: {first_problem}" if first_problem else "") + ").")
+    return examples, skipped
+
+
+def load_examples(source: str | os.PathLike, tokenizer=None, *, max_length: int,
+                  max_prompt_length: int, split: str | None = None,
+                  data_dir: str | os.PathLike | None = None, skip_bad_rows: bool = False,
+                  vocab_size: int | None = None) -> tuple[list[Example], int]:
+    """``read_rows`` then ``tokenize_rows``: (examples, number of bad rows skipped)."""
+    rows = read_rows(source, split=split, data_dir=data_dir)
+    name = str(source) if split is None else f"{source} [{split}]"
+    return tokenize_rows(rows, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
+                         source=name, skip_bad_rows=skip_bad_rows, vocab_size=vocab_size)
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def bucket_length(length: int, max_length: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
+    """The smallest of ``buckets`` (clipped to ``max_length``, which is always the last) >= length."""
+    if length > max_length:
+        raise ValueError(f"a sequence of {length} tokens exceeds max_length={max_length}")
+    for bucket in sorted({b for b in buckets if b < max_length}) + [max_length]:
+        if length <= bucket:
+            return bucket
+    raise AssertionError("unreachable")
+
+
+def pad_sequences(prompts: Sequence[np.ndarray], responses: Sequence[np.ndarray], *, length: int,
+                  pad_id: int) -> dict[str, np.ndarray]:
+    """Right-pad prompt+response rows to ``length``: tokens int32 [B, L], loss_mask float32
+    [B, L] (1.0 on response tokens), attention_mask int32 [B, L] (1 on real tokens)."""
+    batch = len(prompts)
+    tokens = np.full((batch, length), pad_id, dtype=np.int32)
+    loss_mask = np.zeros((batch, length), dtype=np.float32)
+    attention_mask = np.zeros((batch, length), dtype=np.int32)
+    for i, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+        end = len(prompt) + len(response)
+        if end > length:
+            raise ValueError(f"row {i} has {end} tokens, more than the batch length {length}")
+        tokens[i, :len(prompt)] = prompt
+        tokens[i, len(prompt):end] = response
+        loss_mask[i, len(prompt):end] = 1.0
+        attention_mask[i, :end] = 1
+    return {"tokens": tokens, "loss_mask": loss_mask, "attention_mask": attention_mask}
+
+
+def collate(examples: Sequence[Example], *, pad_id: int, max_length: int,
+            buckets: Sequence[int] = DEFAULT_BUCKETS) -> dict[str, np.ndarray]:
+    """Prompt + real response of each example -> {tokens, loss_mask, attention_mask}, each [B, L]."""
+    if not examples:
+        raise ValueError("cannot collate an empty batch")
+    longest = max(len(e.prompt_ids) + len(e.real_ids) for e in examples)
+    length = bucket_length(longest, max_length, buckets)
+    return pad_sequences([e.prompt_ids for e in examples], [e.real_ids for e in examples],
+                         length=length, pad_id=pad_id)
+
+
+def collate_pairs(examples: Sequence[Example], *, pad_id: int, max_length: int,
+                  buckets: Sequence[int] = DEFAULT_BUCKETS) -> dict[str, np.ndarray]:
+    """(prompt + real, prompt + generated) pairs -> real_tokens, real_loss_mask,
+    real_attention_mask, generated_tokens, generated_loss_mask, generated_attention_mask, all
+    [B, L] with ONE L for both sides (so they can be stacked into a [2B, L] forward pass)."""
+    if not examples:
+        raise ValueError("cannot collate an empty batch")
+    missing = [e.row_index for e in examples if e.generated_ids is None]
+    if missing:
+        raise ValueError(f"examples from rows {missing[:5]} have no generated response to pair with")
+    longest = max(len(e.prompt_ids) + max(len(e.real_ids), len(e.generated_ids)) for e in examples)
+    length = bucket_length(longest, max_length, buckets)
+    prompts = [e.prompt_ids for e in examples]
+    batch = {}
+    for side in ("real", "generated"):
+        padded = pad_sequences(prompts, [getattr(e, f"{side}_ids") for e in examples],
+                               length=length, pad_id=pad_id)
+        batch.update({f"{side}_{key}": value for key, value in padded.items()})
+    return batch
