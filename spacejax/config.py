@@ -6,6 +6,7 @@ This module is the ground floor: it imports nothing from spacejax.
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
 import typing
 from typing import Optional
@@ -253,6 +254,7 @@ class RunConfig:
 
     seed: int = 0
     init_from: Optional[str] = None
+    tensorboard: bool = False  # also write workdir/events/ (the `tensorboard` extra)
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     sampler: SamplerConfig = SamplerConfig()
@@ -275,15 +277,22 @@ def load(path, overrides: typing.Sequence[str] = ()) -> RunConfig:
     path = pathlib.Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} not found")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = _parse_yaml(path.read_text(), f"config file {path}") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
     for override in overrides:
         key, sep, text = override.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {override!r} must look like section.key=value")
-        _set_dotted(data, key.strip(), yaml.safe_load(text))
+        _set_dotted(data, key.strip(), _parse_yaml(text, f"override {key.strip()}"))
     return from_dict(RunConfig, data)
+
+
+def _parse_yaml(text: str, where: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{where} is not valid YAML: {error}") from None
 
 
 def _set_dotted(data: dict, key: str, value) -> None:
@@ -341,6 +350,13 @@ def _coerce(hint, value, key: str):
         return tuple(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-2 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ConfigError(f"{key} must be of type {hint.__name__}, got {value!r}")
+    if hint is float and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
     return value
