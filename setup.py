@@ -12,6 +12,7 @@ setup(
     packages=find_packages(include=["spacejax", "spacejax.*"]),
     package_data={"spacejax": ["assets/*.jsonl", "assets/tiny_tokenizer/*"]},
     install_requires=[
+        "absl-py>=1.0",
         "jax>=0.7",
         "flax>=0.11",
         "optax>=0.2.4",
@@ -29,7 +30,7 @@ setup(
     extras_require={
         # torch is only for parity tests against the transformers PyTorch models;
         # 2.13.0 is pinned because it resolves to a CPU build.
-        "test": ["pytest>=8", "scipy>=1.11", "torch==2.13.0", "tensorflow-datasets>=4.9.7", "array_record>=0.5"],
+        "test": ["pytest>=8", "scipy>=1.11", "tensorboardX>=2.6", "torch==2.13.0", "tensorflow-datasets>=4.9.7", "array_record>=0.5"],
         "notebooks": ["jupyter", "nbclient>=0.10", "nbformat>=5.10", "ipykernel"],
         "tfds": ["tensorflow-datasets>=4.9.7", "array_record>=0.5"],
         "tensorboard": ["tensorboardX>=2.6"],

@@ -1,11 +1,16 @@
-"""Command line: `spacejax convert | ...`. The only module that knows about argv."""
+"""Command line: `spacejax convert | generate | ...`. The only module that knows about argv."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from pathlib import Path
 
-from spacejax import checkpoint, hf
+import transformers
+from absl import logging as absl_logging
+
+from spacejax import checkpoint, config, hf, sampler, selfplay
 
 
 def convert(args: argparse.Namespace) -> None:
@@ -18,6 +23,52 @@ def convert(args: argparse.Namespace) -> None:
         cfg, params = checkpoint.load_params(args.to_hf)
         hf.save(cfg, params, args.out, max_shard_bytes=int(args.max_shard_gib * 2**30))
     print(f"wrote {args.out}")
+
+
+def train(args: argparse.Namespace) -> None:
+    """Run, or resume, the self-play loop of a config in a workdir."""
+    cfg = config.load(args.config, args.overrides)
+    try:
+        evaluation = selfplay.run(cfg, args.workdir)
+    except selfplay.Preempted as stop:
+        print(f"spacejax train: {stop}")
+        return
+    summary = ", ".join(f"{k}={v:.4g}" for k, v in evaluation.items() if k in SUMMARY_KEYS)
+    print(f"done: {args.workdir} ({summary}); curves in {args.workdir}/metrics.jsonl")
+
+
+SUMMARY_KEYS = ("eval/kl", "eval/nll_per_token", "eval/loss_start", "eval/loss_end")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def generate(args: argparse.Namespace) -> None:
+    """Sample completions for the prompts of a JSONL file; see `sampler.read_prompts` for rows."""
+    model_dir = Path(args.model)
+    is_checkpoint = checkpoint.is_params_checkpoint(model_dir)
+    if is_checkpoint:
+        cfg = checkpoint.load_config(model_dir)
+    elif (model_dir / "config.json").exists():
+        cfg = hf.config_from_hf(transformers.AutoConfig.from_pretrained(model_dir))
+    else:
+        raise FileNotFoundError(f"{model_dir} is neither a Hugging Face model directory (config.json) "
+                                "nor a spacejax params checkpoint (model_config.json)")
+    tokenizer_dir = args.tokenizer or (
+        model_dir if any((model_dir / name).exists() for name in TOKENIZER_FILES) else None)
+    tokenizer = hf.load_tokenizer(tokenizer_dir) if tokenizer_dir else None
+    sampling = sampler.Sampling(args.temperature, top_k=args.top_k or None, top_p=args.top_p)
+    rows, prompts = sampler.read_prompts(args.prompts, tokenizer, vocab_size=cfg.vocab_size)  # fail early
+
+    cfg, params = checkpoint.load_params(model_dir) if is_checkpoint else hf.load(model_dir)
+    end_ids = list(cfg.eos_token_ids)
+    if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in end_ids:
+        end_ids.append(tokenizer.eos_token_id)
+    completions = sampler.generate(
+        cfg, params, prompts, args.seed, sampling, max_new_tokens=args.max_new_tokens, end_ids=end_ids,
+        batch_size=args.batch_size, num_samples=args.num_samples)
+    sampler.write_jsonl_atomic(args.out, sampler.completion_rows(rows, completions, args.num_samples, tokenizer))
+    print(f"wrote {len(completions)} completions of {len(rows)} prompts to {args.out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,14 +85,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-gib", type=float, default=5.0,
                    help="with --to-hf: split safetensors files above this size (GiB)")
     p.set_defaults(run=convert)
+
+    p = commands.add_parser("train", help="self-play fine-tuning; re-running the same command resumes")
+    p.add_argument("--config", required=True, help="a YAML file of configs/")
+    p.add_argument("--workdir", required=True, help="the run directory (config, metrics, checkpoints)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    p.set_defaults(run=train)
+
+    p = commands.add_parser(
+        "generate", help="sample completions for a JSONL file of prompts",
+        description="Rows of --prompts carry `prompt_ids` (token ids; no tokenizer needed), `messages` "
+                    "(chat turns, rendered with the chat template and the generation prompt) or `prompt` "
+                    "(text, rendered as a single user turn when the tokenizer has a chat template). "
+                    "Each output row is its input row plus `sample_index`, `completion_ids` (the end id "
+                    "included), `finished` and, with a tokenizer, `completion`. Generation stops at the "
+                    "model's eos ids and the tokenizer's eos.")
+    p.add_argument("--model", required=True, help="a Hugging Face model directory or a spacejax params checkpoint")
+    p.add_argument("--prompts", required=True, help="JSONL file, one prompt per line")
+    p.add_argument("--out", required=True, help="JSONL file to write (atomically)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: --model, when it holds one)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 switches top-k off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 switches top-p off")
+    p.add_argument("--num-samples", type=int, default=1, help="completions per prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32, help="rows generated together")
+    p.set_defaults(run=generate)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax reports every save at INFO
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, selfplay.NonFiniteLoss) as error:
         print(f"spacejax {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -28,7 +28,7 @@ response = encode(content) + [EOS]. Truncation (SPIN): the prompt keeps its last
 The prompt is cut even when the example would fit, so a prompt sampled for self-play and the
 prompt it is scored under are the same tokens.
 
-Batches (``collate`` / ``collate_pairs``), right-padded to ``L`` = the smallest bucket (from
+Batches (``collate``; ``pad_pairs`` for K synthetic responses per prompt), right-padded to ``L`` = the smallest bucket (from
 ``buckets`` clipped to ``max_length``, with ``max_length`` itself the last) that fits the longest
 row:
     tokens          int32   [B, L]  prompt, then response (ends in EOS unless cut), then pad_id
@@ -410,22 +410,16 @@ def collate(examples: Sequence[Example], *, pad_id: int, max_length: int,
                          length=length, pad_id=pad_id)
 
 
-def collate_pairs(examples: Sequence[Example], *, pad_id: int, max_length: int,
-                  buckets: Sequence[int] = DEFAULT_BUCKETS) -> dict[str, np.ndarray]:
-    """(prompt + real, prompt + generated) pairs -> real_tokens, real_loss_mask,
-    real_attention_mask, generated_tokens, generated_loss_mask, generated_attention_mask, all
-    [B, L] with ONE L for both sides (so they can be stacked into a [2B, L] forward pass)."""
-    if not examples:
-        raise ValueError("cannot collate an empty batch")
-    missing = [e.row_index for e in examples if e.generated_ids is None]
-    if missing:
-        raise ValueError(f"examples from rows {missing[:5]} have no generated response to pair with")
-    longest = max(len(e.prompt_ids) + max(len(e.real_ids), len(e.generated_ids)) for e in examples)
-    length = bucket_length(longest, max_length, buckets)
-    prompts = [e.prompt_ids for e in examples]
-    batch = {}
-    for side in ("real", "generated"):
-        padded = pad_sequences(prompts, [getattr(e, f"{side}_ids") for e in examples],
-                               length=length, pad_id=pad_id)
-        batch.update({f"{side}_{key}": value for key, value in padded.items()})
+def pad_pairs(prompts: Sequence[np.ndarray], reals: Sequence[np.ndarray],
+              generated: Sequence[Sequence[np.ndarray]], *, length: int, pad_id: int) -> dict[str, np.ndarray]:
+    """B prompts, their real responses and K synthetic responses each -> a pair batch:
+    real_{tokens, loss_mask, attention_mask} [B, L] and generated_{...} [B, K, L]."""
+    k = len(generated[0])
+    if any(len(samples) != k for samples in generated):
+        raise ValueError(f"every prompt needs the same number of synthetic responses ({k})")
+    batch = {f"real_{key}": value for key, value in
+             pad_sequences(prompts, reals, length=length, pad_id=pad_id).items()}
+    flat = pad_sequences([p for p in prompts for _ in range(k)], [g for samples in generated for g in samples],
+                         length=length, pad_id=pad_id)
+    batch.update({f"generated_{key}": value.reshape(len(prompts), k, length) for key, value in flat.items()})
     return batch

@@ -136,19 +136,20 @@ def test_spin_pair_rows_share_the_prompt(tokenizer):
     np.testing.assert_array_equal(example.real_ids, encode(tokenizer, "Snow is usually white.") + [EOS])
     np.testing.assert_array_equal(example.generated_ids, encode(tokenizer, "Snow is blue, I think, or maybe not.") + [EOS])
 
-    batch = data.collate_pairs([example], pad_id=PAD, max_length=128, buckets=(16, 32, 64))
+    length = data.bucket_length(len(prompt) + len(example.generated_ids), 128, (16, 32, 64))
+    batch = data.pad_pairs([example.prompt_ids], [example.real_ids], [[example.generated_ids]], length=length,
+                           pad_id=PAD)
     assert sorted(batch) == sorted(f"{side}_{key}" for side in ("real", "generated")
                                    for key in ("tokens", "loss_mask", "attention_mask"))
-    longest = len(prompt) + len(example.generated_ids)
-    assert batch["real_tokens"].shape == batch["generated_tokens"].shape == (1, data.bucket_length(longest, 128, (16, 32, 64)))
-    np.testing.assert_array_equal(batch["real_tokens"][0, :len(prompt)], batch["generated_tokens"][0, :len(prompt)])
+    assert batch["real_tokens"].shape == (1, length) and batch["generated_tokens"].shape == (1, 1, length)
+    np.testing.assert_array_equal(batch["real_tokens"][0, :len(prompt)], batch["generated_tokens"][0, 0, :len(prompt)])
     for side, response in (("real", example.real_ids), ("generated", example.generated_ids)):
-        mask = batch[f"{side}_loss_mask"][0]
+        mask = batch[f"{side}_loss_mask"].reshape(length)
         assert np.flatnonzero(mask).tolist() == list(range(len(prompt), len(prompt) + len(response)))
-        np.testing.assert_array_equal(batch[f"{side}_tokens"][0, mask == 1], response)
-    with pytest.raises(ValueError, match="no generated response"):
-        data.collate_pairs([data.tokenize_row(chat_row("Hi?", "Hello."), tokenizer, max_length=128,
-                                              max_prompt_length=64)], pad_id=PAD, max_length=128)
+        np.testing.assert_array_equal(batch[f"{side}_tokens"].reshape(length)[mask == 1], response)
+    with pytest.raises(ValueError, match="same number of synthetic responses"):
+        data.pad_pairs([prompt, prompt], [example.real_ids] * 2, [[example.generated_ids], []], length=length,
+                       pad_id=PAD)
 
 
 def test_token_id_rows_are_used_verbatim():

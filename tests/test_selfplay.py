@@ -1,0 +1,241 @@
+"""The self-play loop end to end on the known-truth task and the chat path: metrics, the
+constants of PAPER.md at the start of every iteration, resume after SIGKILL, SIGTERM, a
+truncated checkpoint, non-finite losses, and config errors."""
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import orbax.checkpoint as ocp
+
+from spacejax import assets, checkpoint, cli, config, hf, losses, metrics, selfplay, train
+from spacejax.pairs import Pairs
+
+ROOT = Path(__file__).resolve().parents[1]
+# Reduced tiny_space: fast enough for the tests, still every phase.
+SMALL = ["selfplay.sft_epochs=2", "selfplay.iterations=2", "data.num_train=64", "data.num_eval=32",
+         "selfplay.eval_kl_samples=200", "train.epochs=1", "train.batch_size=16", "checkpoint.every_steps=2"]
+
+STEP_METRICS = ("loss", "rewards/real", "rewards/generated", "rewards/margins", "rewards/accuracies",
+                "logps/real", "logps/generated", "logps/real_per_token", "logps/generated_per_token",
+                "grad_norm", "learning_rate", "tokens_per_second")
+
+
+def load(name, *overrides):
+    return config.load(ROOT / "configs" / name, list(overrides))
+
+
+def final_params(workdir, iteration):
+    return checkpoint.load_params(checkpoint.iteration_dir(workdir, iteration) / "final")[1]
+
+
+def assert_params_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def step_records(workdir):
+    """Step metrics by (iteration, step), without the wall-clock rate."""
+    return {(r["iteration"], r["step"]): {k: v for k, v in r.items() if k != "tokens_per_second"}
+            for r in metrics.read(workdir) if "event" not in r}
+
+
+@pytest.fixture(scope="module")
+def space_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("space")
+    selfplay.run(load("tiny_space.yaml", *SMALL, "sampler.num_samples=2"), workdir)
+    return workdir
+
+
+def test_space_run_logs_every_metric_and_starts_each_iteration_at_the_constant(space_run):
+    records = metrics.read(space_run)
+    for iteration in (0, 1):
+        steps = [r for r in records if r["iteration"] == iteration and "event" not in r]
+        assert len(steps) == 64 // 16
+        for key in STEP_METRICS + ("nce/accuracy",):
+            assert all(key in r for r in steps), key
+        assert steps[0]["step"] == 1
+        assert steps[0]["loss"] == pytest.approx(2 * math.log(2), abs=1e-5)  # (1+mu)log(1+mu) - mu log mu, mu=1
+        event = [r for r in records if r["iteration"] == iteration and r.get("event")]
+        assert len(event) == 1 and event[0]["eval/kl"] > 0 and "eval/nll" in event[0]
+        assert event[0]["eval/loss_start"] == pytest.approx(2 * math.log(2), abs=1e-5)
+        assert checkpoint.is_done(checkpoint.iteration_dir(space_run, iteration))
+    sft = [r for r in records if r["iteration"] == -1 and r.get("event")]
+    assert len(sft) == 1 and "eval/kl" in sft[0]
+
+
+def test_space_run_saves_samples_with_opponent_logps(space_run):
+    pairs = Pairs.load(space_run / "iter_001" / "samples.parquet")
+    assert len(pairs) == 64 + 32 and pairs.num_samples == 2
+    assert set(pairs.split) == {"train", "eval"}
+    assert np.all(np.isfinite(pairs.opponent_real_logps)) and np.all(pairs.opponent_generated_logps < 0)
+    # the opponent of iteration 1 is the final params of iteration 0: its scores are reproducible
+    run = selfplay.Run(load("tiny_space.yaml", *SMALL, "sampler.num_samples=2"), space_run)
+    run.model_cfg = checkpoint.load_config(space_run / "iter_000" / "final")
+    run.score = train.make_score_fn(run.model_cfg)
+    real, generated = run.opponent_logps(run.load_final(space_run / "iter_000"), pairs)
+    np.testing.assert_allclose(real, pairs.opponent_real_logps, atol=1e-5)
+    np.testing.assert_allclose(generated, pairs.opponent_generated_logps, atol=1e-5)
+
+
+def test_a_finished_run_resumes_to_the_same_result_without_work(space_run):
+    before = metrics.read(space_run)
+    evaluation = selfplay.run(load("tiny_space.yaml", *SMALL, "sampler.num_samples=2"), space_run)
+    assert metrics.read(space_run) == before
+    assert evaluation == json.loads((space_run / "iter_001" / "eval.json").read_text())
+
+
+def test_spin_starts_every_iteration_at_log_2_and_mixes_previous_pairs(tmp_path):
+    selfplay.run(load("tiny_spin.yaml", *SMALL), tmp_path)
+    records = metrics.read(tmp_path)
+    for iteration in (0, 1):
+        first = next(r for r in records if r["iteration"] == iteration and "event" not in r)
+        assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    pairs = Pairs.load(tmp_path / "iter_001" / "samples.parquet")
+    assert (pairs.origin == "previous").sum() == 64 and (pairs.origin == "new").sum() == 64 + 32
+    steps = [r for r in records if r["iteration"] == 1 and "event" not in r]
+    assert len(steps) == 128 // 16
+
+
+def run_cli_in_subprocess(workdir, overrides):
+    command = [sys.executable, "-m", "spacejax.cli", "train", "--config", str(ROOT / "configs" / "tiny_space.yaml"),
+               "--workdir", str(workdir), *overrides]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ)
+
+
+def wait_for_step(workdir, iteration, step, process, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if any(r["iteration"] == iteration and r["step"] >= step and "event" not in r
+               for r in metrics.read(workdir)[-3:]):
+            return
+        assert process.poll() is None, process.stdout.read()
+        time.sleep(0.005)
+    raise TimeoutError(f"iteration {iteration} step {step} not reached")
+
+
+LONG_ITERATION_1 = SMALL + ["train.epochs=40", "train.log_every=1"]  # 160 steps in iteration 1
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    selfplay.run(load("tiny_space.yaml", *LONG_ITERATION_1), workdir)
+    return workdir
+
+
+def test_resume_after_sigkill_in_iteration_1_reproduces_the_uninterrupted_run(tmp_path, uninterrupted):
+    reference = uninterrupted
+    killed = tmp_path / "killed"
+    process = run_cli_in_subprocess(killed, LONG_ITERATION_1)
+    wait_for_step(killed, iteration=1, step=20, process=process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not checkpoint.is_done(killed / "iter_001")
+    assert checkpoint.TrainCheckpoints(killed / "iter_001", keep=2).manager.latest_step() < 160
+
+    assert cli.main(["train", "--config", str(ROOT / "configs" / "tiny_space.yaml"), "--workdir", str(killed),
+                     *LONG_ITERATION_1]) == 0
+    assert_params_equal(final_params(killed, 1), final_params(reference, 1))
+    assert step_records(killed) == step_records(reference)
+
+
+def test_sigterm_saves_the_current_step_and_the_rerun_finishes_identically(tmp_path, uninterrupted):
+    reference = uninterrupted
+    stopped = tmp_path / "stopped"
+    process = run_cli_in_subprocess(stopped, LONG_ITERATION_1)
+    wait_for_step(stopped, iteration=1, step=15, process=process)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output
+    assert "preempted at iteration_1" in output
+    saved = checkpoint.TrainCheckpoints(stopped / "iter_001", keep=2).manager.latest_step()
+    last_logged = max(r["step"] for r in metrics.read(stopped) if r["iteration"] == 1)
+    assert saved == last_logged and not checkpoint.is_done(stopped / "iter_001")
+
+    assert cli.main(["train", "--config", str(ROOT / "configs" / "tiny_space.yaml"), "--workdir", str(stopped),
+                     *LONG_ITERATION_1]) == 0
+    assert_params_equal(final_params(stopped, 1), final_params(reference, 1))
+    assert step_records(stopped) == step_records(reference)
+
+
+def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+    overrides = SMALL + ["selfplay.iterations=1", "checkpoint.keep=2"]
+    selfplay.run(load("tiny_space.yaml", *overrides), tmp_path)
+    reference = final_params(tmp_path, 0)
+    phase = tmp_path / "iter_000"
+    # Undo the end of iteration 0, then truncate every data file of its latest step checkpoint.
+    for name in ("DONE", "eval.json"):
+        (phase / name).unlink()
+    shutil.rmtree(phase / "final")
+    steps = sorted(int(p.name) for p in (phase / "train").iterdir() if p.name.isdigit())
+    assert steps == [2, 4]
+    for file in (phase / "train" / "4").rglob("*"):
+        if file.is_file() and file.stat().st_size > 64:
+            file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+    with caplog.at_level("WARNING"):
+        selfplay.run(load("tiny_space.yaml", *overrides), tmp_path)
+    assert any("does not restore" in r.message and "/4" in r.message for r in caplog.records)
+    assert (phase / "unreadable" / "4").is_dir()  # set aside, not deleted
+    assert_params_equal(final_params(tmp_path, 0), reference)
+
+
+def test_a_run_of_non_finite_losses_stops_with_the_last_good_checkpoint_intact(tmp_path, monkeypatch):
+    def nan_loss(policy_real_logps, policy_generated_logps, opponent_real_logps, opponent_generated_logps,
+                 **kwargs):
+        per_pair, metrics_ = losses.space_loss(policy_real_logps, policy_generated_logps, opponent_real_logps,
+                                               opponent_generated_logps)
+        return per_pair * np.nan, metrics_
+
+    monkeypatch.setitem(losses.LOSSES, "always_nan", nan_loss)
+    cfg = load("tiny_space.yaml", *SMALL, "loss.kind=always_nan", "train.max_nonfinite_in_a_row=3",
+               "checkpoint.every_steps=1")
+    with pytest.raises(selfplay.NonFiniteLoss, match="3 steps in a row had a non-finite loss"):
+        selfplay.run(cfg, tmp_path)
+    theta_0 = final_params(tmp_path, -1)
+    assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(theta_0))
+    manager = checkpoint.TrainCheckpoints(tmp_path / "iter_000", keep=2)
+    restored = manager.manager.restore(manager.manager.latest_step(), args=ocp.args.StandardRestore())
+    assert_params_equal(restored["params"], theta_0)  # every skipped step left theta_0 unchanged
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["loss.muu=2"], "loss.muu"),
+    (["train.epochs=two"], "train.epochs"),
+    (["loss.mu=0"], "loss.mu"),
+    (["loss.mu=-1"], "loss.mu"),
+    (["loss.kind=spam"], "loss.kind"),
+    (["train.batch_size=12"], "train.batch_size"),  # 8 devices on the data axis
+])
+def test_config_errors_name_the_key_and_write_nothing(tmp_path, capsys, overrides, key):
+    workdir = tmp_path / "run"
+    code = cli.main(["train", "--config", str(ROOT / "configs" / "tiny_space.yaml"), "--workdir", str(workdir),
+                     *overrides])
+    assert code == 2
+    assert key in capsys.readouterr().err
+    assert not workdir.exists()
+
+
+def test_chat_config_runs_end_to_end_through_the_chat_template(tmp_path):
+    cfg = load("tiny_chat_space.yaml", f"data.source={assets.TINY_CHAT_PATH}",
+               f"data.tokenizer={assets.TINY_TOKENIZER_DIR}", "data.num_train=32", "data.num_eval=16",
+               "train.batch_size=16", "sampler.max_new_tokens=8", "selfplay.iterations=1", "train.epochs=1")
+    selfplay.run(cfg, tmp_path)
+    pairs = Pairs.load(tmp_path / "iter_000" / "samples.parquet")
+    tokenizer = hf.load_tokenizer(assets.TINY_TOKENIZER_DIR)
+    prompt = tokenizer.decode(pairs.prompt_ids[0])
+    assert prompt.startswith("<|bos|>") and prompt.endswith("<|assistant|>\n")
+    assert pairs.real_ids[0][-1] == tokenizer.eos_token_id
+    first = next(r for r in metrics.read(tmp_path) if r["iteration"] == 0)
+    assert first["loss"] == pytest.approx(2 * math.log(2), abs=1e-5)

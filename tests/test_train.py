@@ -1,0 +1,164 @@
+"""The optimizer and schedule against PyTorch / transformers, and the jitted train step."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+import transformers
+
+from spacejax import data, model, train
+from spacejax.config import LossConfig, ModelConfig, TrainConfig
+
+MODEL = ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                    num_kv_heads=2, head_dim=8)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
+def test_schedule_equals_transformers(schedule):
+    cfg = TrainConfig(learning_rate=1e-3, warmup_ratio=0.1, schedule=schedule)
+    total = 50
+    ours = train.learning_rate_schedule(cfg, total)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    reference = transformers.get_scheduler(
+        {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[schedule],
+        optimizer, num_warmup_steps=5, num_training_steps=total)
+    # optax evaluates in float32: near the end of the cosine, 1 + cos(x) cancels, so the error is
+    # float32 rounding relative to the peak rate (1e-3 * 1e-7), not to the small value itself.
+    for step in range(total):
+        assert float(ours(step)) == pytest.approx(reference.get_last_lr()[0], rel=1e-5, abs=1e-10)
+        optimizer.step()
+        reference.step()
+
+
+@pytest.mark.parametrize("optimizer_name", ["rmsprop", "adamw"])
+def test_optimizer_equals_pytorch(optimizer_name):
+    """SPIN's recipe uses torch RMSprop (alpha 0.99, eps outside the root, no momentum)."""
+    cfg = TrainConfig(optimizer=optimizer_name, learning_rate=1e-2, weight_decay=0.01, max_grad_norm=0.0)
+    target = np.random.default_rng(0).normal(size=(5,))
+    start = np.random.default_rng(1).normal(size=(5,))
+
+    def loss(w):
+        return ((w - torch.tensor(target, dtype=torch.float32)) ** 2 * torch.arange(1, 6)).sum()
+
+    optimizer = train.make_optimizer(cfg, optax.constant_schedule(cfg.learning_rate))
+    params = jnp.asarray(start, jnp.float32)
+    state = optimizer.init(params)
+    weight = torch.nn.Parameter(torch.tensor(start, dtype=torch.float32))
+    reference = (torch.optim.RMSprop([weight], lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.01)
+                 if optimizer_name == "rmsprop"
+                 else torch.optim.AdamW([weight], lr=1e-2, weight_decay=0.01))
+    for _ in range(20):
+        grads = jax.grad(lambda w: jnp.sum((w - target) ** 2 * jnp.arange(1, 6)))(params)
+        updates, state = optimizer.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        reference.zero_grad()
+        loss(weight).backward()
+        reference.step()
+    np.testing.assert_allclose(np.asarray(params), weight.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def pair_batch(batch_size=8, k=2, length=12, seed=0):
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(3, 32, rng.integers(1, 4)).astype(np.int32) for _ in range(batch_size)]
+    reals = [rng.integers(3, 32, rng.integers(1, 6)).astype(np.int32) for _ in range(batch_size)]
+    generated = [[rng.integers(3, 32, rng.integers(1, 6)).astype(np.int32) for _ in range(k)]
+                 for _ in range(batch_size)]
+    batch = data.pad_pairs(prompts, reals, generated, length=length, pad_id=0)
+    batch["opponent_real_logps"] = rng.normal(-20, 2, batch_size).astype(np.float32)
+    batch["opponent_generated_logps"] = rng.normal(-20, 2, (batch_size, k)).astype(np.float32)
+    return batch
+
+
+def run_step(batch, grad_accum_steps, loss=LossConfig(kind="space", mu=2.0)):
+    cfg = TrainConfig(learning_rate=1e-2, grad_accum_steps=grad_accum_steps, batch_size=8)
+    schedule = train.learning_rate_schedule(cfg, 10)
+    optimizer = train.make_optimizer(cfg, schedule)
+    params = model.init(MODEL, jax.random.key(0))
+    state = train.create_state(params, optimizer)
+    step = jax.jit(train.make_train_step(train.pair_objective(MODEL, loss), optimizer, schedule, grad_accum_steps))
+    return step(state, batch)
+
+
+def test_gradient_accumulation_one_by_eight_equals_eight_by_one():
+    batch = pair_batch()
+    whole_state, whole = run_step(batch, 1)
+    accumulated_state, accumulated = run_step(batch, 8)
+    for key in ("loss", "grad_norm", "rewards/real", "logps/generated"):
+        assert float(accumulated[key]) == pytest.approx(float(whole[key]), rel=1e-5, abs=1e-6)
+    for a, b in zip(jax.tree.leaves(whole_state.params), jax.tree.leaves(accumulated_state.params)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_one_forward_over_real_and_generated_equals_separate_scoring():
+    batch = pair_batch()
+    params = model.init(MODEL, jax.random.key(0))
+    real, generated, _, _ = train.pair_logps(MODEL, params, jax.tree.map(jnp.asarray, batch))
+    alone, _ = train.sequence_logps(MODEL, params, batch["generated_tokens"][:, 1],
+                                    batch["generated_loss_mask"][:, 1], batch["generated_attention_mask"][:, 1])
+    np.testing.assert_allclose(generated[:, 1], alone, atol=1e-5)
+    alone_real, _ = train.sequence_logps(MODEL, params, batch["real_tokens"], batch["real_loss_mask"],
+                                         batch["real_attention_mask"])
+    np.testing.assert_allclose(real, alone_real, atol=1e-5)
+
+
+def test_first_step_loss_is_the_constant_when_policy_is_the_opponent():
+    batch = pair_batch()
+    params = model.init(MODEL, jax.random.key(0))
+    real, generated, _, _ = train.pair_logps(MODEL, params, jax.tree.map(jnp.asarray, batch))
+    batch = dict(batch, opponent_real_logps=np.asarray(real), opponent_generated_logps=np.asarray(generated))
+    _, space = run_step(batch, 1, LossConfig(kind="space", mu=4.0))
+    assert float(space["loss"]) == pytest.approx(5 * np.log(5) - 4 * np.log(4), abs=1e-5)
+    _, spin = run_step(batch, 1, LossConfig(kind="spin", beta=0.1))
+    assert float(spin["loss"]) == pytest.approx(np.log(2), abs=1e-6)
+
+
+def test_non_finite_step_is_skipped_and_counted_then_training_goes_on():
+    cfg = TrainConfig(learning_rate=1e-2, batch_size=8)
+    schedule = train.learning_rate_schedule(cfg, 10)
+    optimizer = train.make_optimizer(cfg, schedule)
+    state = train.create_state(model.init(MODEL, jax.random.key(0)), optimizer)
+    step = jax.jit(train.make_train_step(train.pair_objective(MODEL, LossConfig()), optimizer, schedule))
+    good = pair_batch()
+    poisoned = dict(good, opponent_real_logps=np.full(8, np.nan, np.float32))
+
+    state, _ = step(state, good)
+    before = jax.tree.map(np.asarray, (state.params, state.opt_state))
+    for expected_count in (1, 2):
+        state, step_metrics = step(state, poisoned)
+        assert float(step_metrics["nonfinite"]) == 1.0 and int(state.nonfinite_in_a_row) == expected_count
+        for a, b in zip(jax.tree.leaves(before), jax.tree.leaves((state.params, state.opt_state))):
+            np.testing.assert_array_equal(a, b)
+    state, step_metrics = step(state, good)
+    assert float(step_metrics["nonfinite"]) == 0.0 and int(state.nonfinite_in_a_row) == 0
+    assert int(state.step) == 4
+    changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before[0]), jax.tree.leaves(state.params))]
+    assert all(changed)
+
+
+def test_sft_objective_is_the_token_mean_nll():
+    batch = pair_batch()
+    params = model.init(MODEL, jax.random.key(0))
+    loss, _ = train.sft_objective(MODEL)(params, jax.tree.map(jnp.asarray, batch))
+    logits, _ = model.apply(MODEL, params, batch["real_tokens"], attention_mask=batch["real_attention_mask"])
+    logp = np.asarray(jax.nn.log_softmax(logits))
+    nll, count = 0.0, 0
+    for b in range(8):
+        for t in range(1, 12):
+            if batch["real_loss_mask"][b, t]:
+                nll -= logp[b, t - 1, batch["real_tokens"][b, t]]
+                count += 1
+    assert float(loss) == pytest.approx(nll / count, rel=1e-5)
+
+
+def test_configured_loss_passes_only_known_hyperparameters():
+    space = train.configured_loss(LossConfig(kind="space", mu=3.0, beta=None))
+    zeros = jnp.zeros(4)
+    loss, _ = space(zeros, zeros, zeros, zeros)
+    assert float(loss[0]) == pytest.approx(4 * np.log(4) - 3 * np.log(3), abs=1e-6)
+    sft = train.configured_loss(dataclasses.replace(LossConfig(kind="sft"), mu=5.0))
+    loss, _ = sft(-jnp.ones(4), zeros, zeros, zeros)
+    assert float(loss[0]) == 1.0

@@ -1,0 +1,175 @@
+# shellcheck shell=bash disable=SC2034  # the variables are used by the scripts that source this file
+# Helpers shared by the tpu_scripts: printing and running commands (--dry-run), argument checks,
+# the gcloud flags every command takes, and the remote layout on the TPU workers.
+# Sourced, never run. Written for bash 3.2+ (the bash macOS ships), so no associative arrays.
+
+# Where things live on every worker (home directory of the ssh user).
+# shellcheck disable=SC2016  # expanded by the remote shell, on the worker
+REMOTE_SRC='$HOME/spacejax'                 # the unpacked source tree (configs/, tpu_scripts/, ...)
+# shellcheck disable=SC2016
+REMOTE_VENV='$HOME/spacejax-venv'           # Python >= 3.11 virtual environment with spacejax and jax[tpu]
+# shellcheck disable=SC2016
+REMOTE_LOGS='$HOME/spacejax-logs'           # worker-$(hostname).log and train.pid
+REMOTE_TARBALL='spacejax-src.tar.gz'        # relative to the home directory (scp target)
+
+TPU_SCRIPTS_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_ROOT=$(cd "$TPU_SCRIPTS_DIR/.." && pwd)
+PROG=$(basename "$0")
+DRY_RUN=0
+exec 3>&1  # the script's stdout: --dry-run prints there even from inside $(...)
+
+# A word quoted for a POSIX shell only when it needs it: `--zone=us-east5-a` stays as is,
+# `a b` becomes 'a b' and it's becomes 'it'\''s'.
+shell_quote() {
+  local word=$1
+  if [[ -n $word && $word =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
+    printf '%s' "$word"
+  else
+    printf "'%s'" "${word//\'/\'\\\'\'}"
+  fi
+}
+
+# All arguments as one shell command line (each word quoted when needed).
+shell_join() {
+  local line='' word
+  for word in "$@"; do
+    line+="${line:+ }$(shell_quote "$word")"
+  done
+  printf '%s' "$line"
+}
+
+# Print a command as `+ cmd args...`: on stdout in --dry-run (that is the output), else on stderr (a log).
+print_cmd() {
+  if ((DRY_RUN)); then
+    printf '+ %s\n' "$(shell_join "$@")" >&3
+  else
+    printf '+ %s\n' "$(shell_join "$@")" >&2
+  fi
+}
+
+# Run a command that changes something; in --dry-run only print it.
+run() {
+  print_cmd "$@"
+  if ((DRY_RUN)); then
+    return 0
+  fi
+  "$@"
+}
+
+log() {
+  printf '%s %s: %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$PROG" "$*" >&2
+}
+
+# A usage error: the message names the flag; exit status 2 like argparse.
+die() {
+  printf '%s: error: %s\n' "$PROG" "$*" >&2
+  printf "Run '%s --help' for usage.\n" "$PROG" >&2
+  exit 2
+}
+
+# need_value "$@": the option in $1 must be followed by a value.
+need_value() {
+  if (($# < 2)) || [[ -z $2 || $2 == --* ]]; then
+    die "option $1 needs a value"
+  fi
+}
+
+# require FLAG VALUE: a required flag must have been given.
+require() {
+  if [[ -z $2 ]]; then
+    die "missing required flag $1"
+  fi
+}
+
+# Split --flag=value into --flag value (up to a bare --); the result is in NORMALIZED_ARGS.
+normalize_args() {
+  NORMALIZED_ARGS=()
+  while (($#)); do
+    case $1 in
+      --) NORMALIZED_ARGS+=("$@"); return 0 ;;
+      --*=*) NORMALIZED_ARGS+=("${1%%=*}" "${1#*=}") ;;
+      *) NORMALIZED_ARGS+=("$1") ;;
+    esac
+    shift
+  done
+}
+
+# The runtime (software) version of a TPU generation, from the accelerator type.
+default_runtime_version() {
+  case $1 in
+    v4-*) echo tpu-ubuntu2204-base ;;
+    v5p-*) echo v2-alpha-tpuv5 ;;
+    v5litepod-*) echo v2-alpha-tpuv5-lite ;;
+    v6e-*) echo v2-alpha-tpuv6e ;;
+    *) return 1 ;;
+  esac
+}
+
+# gcloud flags naming where the TPU is: --zone=Z [--project=P] (GCLOUD_FLAGS).
+set_gcloud_flags() {
+  GCLOUD_FLAGS=(--zone="$ZONE")
+  if [[ -n ${PROJECT:-} ]]; then
+    GCLOUD_FLAGS+=(--project="$PROJECT")
+  fi
+}
+
+# tpu_ssh WORKER REMOTE_COMMAND: run a shell command on one worker or on all (--worker=all).
+tpu_ssh() {
+  run gcloud compute tpus tpu-vm ssh "$NAME" "${GCLOUD_FLAGS[@]}" --worker="$1" --command "$2"
+}
+
+# The remote prelude: fail fast, then use the spacejax virtual environment from the source tree.
+remote_activate() {
+  printf 'set -euo pipefail; source "%s/bin/activate"; cd "%s"' "$REMOTE_VENV" "$REMOTE_SRC"
+}
+
+# The iteration directory name of 0-based iteration N: iter_003 (spacejax.checkpoint.iteration_dir).
+iteration_dir_name() {
+  printf 'iter_%03d' "$1"
+}
+
+# describe_state node|queued ASSUMED: the state of the TPU VM (READY, CREATING, PREEMPTED, ...) or of the
+# queued resource (WAITING_FOR_RESOURCES, ACTIVE, SUSPENDED, ...); MISSING when it does not exist, UNKNOWN
+# when gcloud failed for another reason (network, auth: never a reason to delete anything).
+# In --dry-run it prints the command and answers ASSUMED.
+describe_state() {
+  local cmd errors state
+  if [[ $1 == node ]]; then
+    cmd=(gcloud compute tpus tpu-vm describe "$NAME" "${GCLOUD_FLAGS[@]}" --format='value(state)')
+  else
+    cmd=(gcloud compute tpus queued-resources describe "$QUEUED_ID" "${GCLOUD_FLAGS[@]}" --format='value(state.state)')
+  fi
+  if ((DRY_RUN)); then
+    print_cmd "${cmd[@]}"
+    printf '%s\n' "$2"
+    return 0
+  fi
+  errors=$(mktemp)
+  if state=$("${cmd[@]}" 2>"$errors"); then
+    printf '%s\n' "${state:-UNKNOWN}"
+  elif grep -qiE 'NOT_FOUND|not found|does not exist' "$errors"; then
+    echo MISSING
+  else
+    log "could not read the state of $1 ${NAME}: $(tr '\n' ' ' <"$errors")"
+    echo UNKNOWN
+  fi
+  rm -f "$errors"
+}
+
+# pack_source SRC OUT: OUT (.tar.gz) holds SRC's git-tracked files and the untracked ones git does not
+# ignore (.venv/, runs/, ... stay out): exactly the working tree you tested, committed or not.
+pack_source() {
+  local src=$1 out=$2 list file count=0
+  git -C "$src" rev-parse --is-inside-work-tree >/dev/null 2>&1 || die "--source $src is not a git checkout"
+  list=$(mktemp)
+  while IFS= read -r -d '' file; do
+    if [[ -f $src/$file ]]; then  # a tracked file deleted in the working tree is left out
+      printf '%s\0' "$file"
+      count=$((count + 1))
+    fi
+  done < <(git -C "$src" ls-files -z --cached --others --exclude-standard) >"$list"
+  log "packing $count files of $src (git $(git -C "$src" rev-parse --short HEAD 2>/dev/null || echo 'no commit')$(
+    git -C "$src" diff --quiet HEAD 2>/dev/null || echo ', with uncommitted changes'))"
+  run tar -czf "$out" -C "$src" --null -T "$list"
+  rm -f "$list"
+}

@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# Install spacejax (this working tree) and jax[tpu] on every worker of a TPU VM; optionally stage
+# the model and data from Cloud Storage onto each host's disk.
+set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+usage() {
+  cat <<EOF
+Usage: $PROG --name NAME --zone ZONE [options]
+
+Ships the source tree to every worker and installs it there:
+  1. pack the working tree (git-tracked files plus untracked files git does not ignore, so
+     uncommitted changes go too) into a tarball here, or take a tarball made earlier (--tarball);
+  2. copy it to every worker (gcloud compute tpus tpu-vm scp --worker=all) and unpack it in
+     ~/spacejax (configs/ and tpu_scripts/ come with it);
+  3. on every worker (--worker=all): a Python $DEFAULT_PYTHON+ virtual environment ~/spacejax-venv
+     made by uv (the TPU images' Python 3.10 is too old for jax >= 0.7),
+     pip install ~/spacejax gcsfs, then pip install -U "jax[tpu]";
+  4. with --stage: copy gs:// prefixes onto every host's disk (gcloud storage rsync; idempotent).
+Re-running it is safe: it reinstalls the source and skips what is already there.
+
+Required:
+  --name NAME            TPU VM (node) name
+  --zone ZONE            its zone
+
+Options:
+  --project PROJECT      Google Cloud project (default: gcloud's core/project)
+  --source DIR           the spacejax checkout to ship (default: $REPO_ROOT)
+  --tarball FILE         ship this tarball (made by an earlier run, e.g. babysit.sh's) instead of packing
+  --python VERSION       Python version of the workers' virtual environment (default $DEFAULT_PYTHON)
+  --stage GS_URL=DIR     copy GS_URL (a gs:// prefix) to DIR on every host, e.g.
+                         --stage gs://BUCKET/models/zephyr-7b-sft-full=/mnt/models/zephyr-7b-sft-full;
+                         repeatable. A re-created VM has an empty disk: babysit.sh passes these again.
+  --dry-run              print the commands (one per line, prefixed with '+ ') instead of running them
+  -h, --help             this help
+EOF
+}
+
+DEFAULT_PYTHON=3.11
+NAME='' ZONE='' PROJECT='' SOURCE=$REPO_ROOT TARBALL='' PYTHON_VERSION=$DEFAULT_PYTHON
+STAGES=()
+normalize_args "$@"
+set -- ${NORMALIZED_ARGS[@]+"${NORMALIZED_ARGS[@]}"}
+while (($#)); do
+  case $1 in
+    -h | --help) usage; exit 0 ;;
+    --name) need_value "$@"; NAME=$2; shift 2 ;;
+    --zone) need_value "$@"; ZONE=$2; shift 2 ;;
+    --project) need_value "$@"; PROJECT=$2; shift 2 ;;
+    --source) need_value "$@"; SOURCE=$2; shift 2 ;;
+    --tarball) need_value "$@"; TARBALL=$2; shift 2 ;;
+    --python) need_value "$@"; PYTHON_VERSION=$2; shift 2 ;;
+    --stage) need_value "$@"; STAGES+=("$2"); shift 2 ;;
+    --dry-run) DRY_RUN=1; shift ;;
+    *) die "unknown argument $1" ;;
+  esac
+done
+
+require --name "$NAME"
+require --zone "$ZONE"
+if ! [[ $PYTHON_VERSION =~ ^3\.([0-9]+)$ ]] || ((BASH_REMATCH[1] < 11)); then
+  die "--python must be 3.11 or newer (jax >= 0.7 needs it), got '$PYTHON_VERSION'"
+fi
+for stage in ${STAGES[@]+"${STAGES[@]}"}; do
+  [[ $stage == gs://*=/* ]] || die "--stage must look like gs://BUCKET/PREFIX=/ABSOLUTE/DIR, got '$stage'"
+done
+if [[ -n $TARBALL && ! -f $TARBALL ]] && ((!DRY_RUN)); then
+  die "--tarball $TARBALL does not exist"
+fi
+set_gcloud_flags
+
+if [[ -z $TARBALL ]]; then
+  workspace=$(mktemp -d)
+  trap 'rm -rf "$workspace"' EXIT
+  TARBALL=$workspace/$REMOTE_TARBALL
+  pack_source "$SOURCE" "$TARBALL"
+fi
+
+run gcloud compute tpus tpu-vm scp "$TARBALL" "$NAME:$REMOTE_TARBALL" "${GCLOUD_FLAGS[@]}" --worker=all
+
+python_tuple="(3, ${PYTHON_VERSION#3.})"
+pip="\"$REMOTE_VENV/bin/python\" -m pip"
+# shellcheck disable=SC2016  # $HOME, $PATH: expanded on the worker
+steps=(
+  'set -euo pipefail'
+  'export PATH="$HOME/.local/bin:$PATH"'
+  # uv fetches a standalone CPython; PIP_BREAK_SYSTEM_PACKAGES lets pip --user work on Ubuntu 24.04 images
+  'command -v uv >/dev/null || PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --user --quiet uv'
+  "\"$REMOTE_VENV/bin/python\" -c \"import sys; sys.exit(sys.version_info[:2] != $python_tuple)\" 2>/dev/null || { rm -rf \"$REMOTE_VENV\"; uv venv --seed --python $(shell_quote "$PYTHON_VERSION") \"$REMOTE_VENV\"; }"
+  "rm -rf \"$REMOTE_SRC\""
+  "mkdir -p \"$REMOTE_SRC\""
+  "tar -xzf \"\$HOME/$REMOTE_TARBALL\" -C \"$REMOTE_SRC\""
+  "$pip uninstall --yes --quiet spacejax || true"
+  "$pip install --quiet \"$REMOTE_SRC\" gcsfs"
+  "$pip install --quiet -U \"jax[tpu]\""
+)
+for stage in ${STAGES[@]+"${STAGES[@]}"}; do
+  url=$(shell_quote "${stage%%=/*}")
+  dir=$(shell_quote "/${stage#*=/}")
+  steps+=("sudo mkdir -p $dir" "sudo chown \"\$(id -u):\$(id -g)\" $dir" "gcloud storage rsync --recursive $url $dir")
+done
+steps+=("echo \"spacejax ready on \$(hostname)\"" "$pip list 2>/dev/null | grep -iE \"^(spacejax|jax|jaxlib|libtpu) \" || true")
+
+remote=''
+for step in "${steps[@]}"; do
+  remote+="${remote:+; }$step"
+done
+tpu_ssh all "$remote"
