@@ -10,7 +10,7 @@ from pathlib import Path
 import transformers
 from absl import logging as absl_logging
 
-from spacejax import checkpoint, config, hf, sampler, selfplay
+from spacejax import checkpoint, config, hf, sampler, selfplay, sharding
 
 
 def convert(args: argparse.Namespace) -> None:
@@ -28,6 +28,7 @@ def convert(args: argparse.Namespace) -> None:
 def train(args: argparse.Namespace) -> None:
     """Run, or resume, the self-play loop of a config in a workdir."""
     cfg = config.load(args.config, args.overrides)
+    sharding.initialize(args.coordinator, args.num_processes, args.process_id)
     try:
         evaluation = selfplay.run(cfg, args.workdir)
     except selfplay.Preempted as stop:
@@ -90,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="a YAML file of configs/")
     p.add_argument("--workdir", required=True, help="the run directory (config, metrics, checkpoints)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    p.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="multi-process run off TPU: jax.distributed coordinator (process 0's address)")
+    p.add_argument("--num-processes", type=int, help="with --coordinator: how many processes")
+    p.add_argument("--process-id", type=int, help="with --coordinator: this process's index")
     p.set_defaults(run=train)
 
     p = commands.add_parser(

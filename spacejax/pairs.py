@@ -84,6 +84,11 @@ class Pairs:
         """[N, K] number of tokens of each synthetic response."""
         return np.array([[len(g) for g in samples] for samples in self.generated_ids]).reshape(len(self), -1)
 
+    def num_tokens(self) -> int:
+        """Tokens of every sequence the policy reads: prompt + real and prompt + each synthetic."""
+        return sum(len(p) * (1 + len(gs)) + len(r) + sum(len(g) for g in gs)
+                   for p, r, gs in zip(self.prompt_ids, self.real_ids, self.generated_ids))
+
     def length(self, cfg: DataConfig) -> int:
         """The padded length L for every batch of these pairs: one bucket, so one compilation."""
         longest = max(len(p) + max([len(r)] + [len(g) for g in gs])

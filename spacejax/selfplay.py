@@ -79,16 +79,16 @@ def check(cfg: RunConfig) -> None:
 
 
 def prepare_workdir(cfg: RunConfig, workdir: Path) -> None:
-    """Write config.yaml, or check that a resumed run uses the same config."""
+    """Write config.yaml (process 0), or check that a resumed run uses the same config."""
     resolved = dump(cfg)
     path = workdir / CONFIG_FILE
-    if path.exists():
-        if path.read_text() != resolved:
-            raise ConfigError(f"{path} holds a different config; resume with the same config and overrides, "
-                              "or choose a new --workdir")
-        return
-    workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
+    existing = path.read_text() if path.exists() else None
+    sharding.barrier("config checked")  # nobody reads a config.yaml that process 0 is writing
+    if existing is not None and existing != resolved:
+        raise ConfigError(f"{path} holds a different config; resume with the same config and overrides, "
+                          "or choose a new --workdir")
+    if existing is None and jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
         path.write_text(resolved)
 
 
@@ -150,10 +150,11 @@ class Run:
         self.cfg = cfg
         self.mesh = sharding.make_mesh(cfg.mesh)
         divisor = sharding.batch_size_divisor(self.mesh)
-        micro = cfg.train.batch_size // cfg.train.grad_accum_steps
-        if micro % divisor:
-            raise ConfigError(f"train.batch_size / train.grad_accum_steps = {micro} must be divisible by "
-                              f"the {divisor} devices of mesh axes data x fsdp")
+        for key, rows in (("train.batch_size / train.grad_accum_steps", cfg.train.batch_size // cfg.train.grad_accum_steps),
+                          ("sampler.batch_size", cfg.sampler.batch_size), ("data.num_eval", cfg.data.num_eval)):
+            if rows % divisor:
+                raise ConfigError(f"{key} = {rows} must be divisible by the {divisor} devices of mesh axes "
+                                  "data x fsdp")
         self.task = load_task(cfg)
         self.workdir = Path(workdir).absolute()
         prepare_workdir(cfg, self.workdir)
@@ -175,7 +176,7 @@ class Run:
     def _run(self) -> dict:
         cfg = self.cfg
         self.model_cfg, params = initial_params(cfg, self.mesh)
-        self.score = train.make_score_fn(self.model_cfg)
+        self.score = train.make_score_fn(self.model_cfg, out_shardings=sharding.replicated(self.mesh))
         if cfg.selfplay.sft_epochs:
             params = self.sft(params)
         evaluation = {}
@@ -229,6 +230,7 @@ class Run:
         pairs = pairs.scored(self.opponent_logps(opponent_params, pairs))
         if jax.process_index() == 0:
             pairs.save(path, settings=dataclasses.asdict(cfg.sampler))
+        sharding.barrier("samples saved")
         return pairs
 
     def generate(self, iteration: int, params, prompts: list[np.ndarray]) -> list[list[np.ndarray]]:
@@ -255,13 +257,15 @@ class Run:
         return logps[:n], logps[n:].reshape(n, k)
 
     def score_rows(self, params, rows: dict[str, np.ndarray]) -> np.ndarray:
-        """Summed response log-probs [N] of padded rows, in fixed-size jitted batches."""
+        """Summed response log-probs [N] of padded rows, in fixed-size jitted batches; each process
+        places only its rows of every batch."""
         batch_size = self.cfg.sampler.batch_size
         n = len(rows["tokens"])
+        local = sharding.process_rows(self.mesh, batch_size)
         out = np.zeros(n, np.float32)
         for start in metrics.progress(range(0, n, batch_size), desc="scoring", unit="batch"):
-            chunk = {key: pad_rows(value[start:start + batch_size], batch_size) for key, value in rows.items()}
-            chunk = sharding.put_batch(chunk, self.mesh)
+            chunk = {key: pad_rows(value[start:start + batch_size], batch_size)[local] for key, value in rows.items()}
+            chunk = sharding.put_batch(chunk, self.mesh, batch_size)
             logps, _ = self.score(params, chunk["tokens"], chunk["loss_mask"], chunk["attention_mask"])
             out[start:start + batch_size] = np.asarray(logps)[:min(batch_size, n - start)]
         return out
@@ -305,6 +309,7 @@ class Run:
             log.info("resuming iteration %d at step %d", iteration, start)
         self.writer.drop_after(iteration, start)
         length = pairs.length(self.cfg.data)
+        local = sharding.process_rows(self.mesh, cfg.batch_size)
         first_loss = last_loss = next((r["loss"] for r in metrics.read(self.workdir)
                                        if r["iteration"] == iteration and r["step"] == 1 and "event" not in r), None)
         bar = metrics.progress(total=total_steps, initial=start, desc=phase_name(iteration), unit="step")
@@ -312,13 +317,12 @@ class Run:
             epoch, position = divmod(step, steps_per_epoch)
             order = np.random.default_rng([self.cfg.seed, iteration + 1, epoch]).permutation(len(pairs))
             chosen = order[position * cfg.batch_size:(position + 1) * cfg.batch_size]
-            batch = pairs.select(chosen).batch(length, self.task.pad_id)
-            tokens = int(batch["real_attention_mask"].sum() + batch["generated_attention_mask"].sum())
+            local_batch = pairs.select(chosen[local]).batch(length, self.task.pad_id)
             started = time.perf_counter()
-            state, step_metrics = step_fn(state, sharding.put_batch(batch, self.mesh))
+            state, step_metrics = step_fn(state, sharding.put_batch(local_batch, self.mesh, cfg.batch_size))
             if (step + 1) % cfg.log_every == 0 or step + 1 == total_steps or step == 0:
                 values = metrics.to_python(step_metrics)
-                values["tokens_per_second"] = tokens / (time.perf_counter() - started)
+                values["tokens_per_second"] = pairs.select(chosen).num_tokens() / (time.perf_counter() - started)
                 self.writer.write({"iteration": iteration, "step": step + 1, "epoch": epoch, **values})
                 first_loss = values["loss"] if step == 0 else first_loss
                 last_loss = values["loss"]
@@ -352,7 +356,9 @@ class Run:
         counts = np.array([len(e.real_ids) for e in self.task.eval])
         result = {"eval/nll": float(-real_logps.mean()), "eval/nll_per_token": float(-(real_logps / counts).mean())}
         if eval_pairs is not None and len(eval_pairs):
-            batch = sharding.put_batch(eval_pairs.batch(eval_pairs.length(self.cfg.data), self.task.pad_id), self.mesh)
+            local = eval_pairs.select(np.arange(len(eval_pairs))[sharding.process_rows(self.mesh, len(eval_pairs))])
+            batch = sharding.put_batch(local.batch(eval_pairs.length(self.cfg.data), self.task.pad_id), self.mesh,
+                                       len(eval_pairs))
             _, pair_metrics = jax.jit(self.objective("pairs"))(params, batch)
             result.update({f"eval/{k}": v for k, v in metrics.to_python(pair_metrics).items()})
         if self.task.truth is not None:

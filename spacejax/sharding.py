@@ -7,10 +7,12 @@ A dimension that its mesh axes do not divide stays replicated, so tiny models ru
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from spacejax.config import ConfigError, MeshConfig
@@ -32,7 +34,9 @@ LOGICAL_RULES: dict[str, Optional[tuple[str, ...]]] = {
 
 
 def make_mesh(cfg: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-    """A Mesh over `devices` (default: all) with the sizes of `cfg`, one -1 filled in."""
+    """A Mesh with the sizes of `cfg` over `devices` (default: all). One size may be -1, filled
+    from the device count; sizes whose product is smaller than the device count use the first
+    devices (e.g. 1 x 1 x 1 for a single-device reference run)."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = [cfg.data, cfg.fsdp, cfg.tensor]
     known = math.prod(s for s in sizes if s != -1)
@@ -41,10 +45,23 @@ def make_mesh(cfg: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -
             raise ConfigError(f"mesh sizes {dict(zip(AXES, sizes))}: {len(devices)} devices are not "
                               f"divisible by {known}")
         sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) != len(devices):
+    if math.prod(sizes) > len(devices):
         raise ConfigError(f"mesh sizes {dict(zip(AXES, sizes))} need {math.prod(sizes)} devices, "
                           f"found {len(devices)}; set one of mesh.data/fsdp/tensor to -1")
-    return Mesh(np.asarray(devices).reshape(sizes), AXES)
+    return Mesh(np.asarray(devices[:math.prod(sizes)]).reshape(sizes), AXES)
+
+
+def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
+               process_id: Optional[int] = None) -> None:
+    """Start `jax.distributed` for a multi-process run: explicitly with a coordinator address
+    (CPU and GPU clusters, tests on loopback), automatically on a multi-host TPU VM slice, and
+    not at all on a single host."""
+    if coordinator is not None:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id)
+    elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+        jax.distributed.initialize()
 
 
 def batch_size_divisor(mesh: Mesh) -> int:
@@ -80,6 +97,31 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Place a host batch (every leaf's leading axis is the batch) on the mesh."""
-    return {key: jax.device_put(value, batch_sharding(mesh, np.ndim(value))) for key, value in batch.items()}
+def barrier(name: str) -> None:
+    """Wait for every process (a no-op with one)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole of a (possibly multi-process, batch-sharded) array as numpy on every process."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def process_rows(mesh: Mesh, global_rows: int) -> slice:
+    """The rows of a global batch [global_rows, ...] held by this process's devices (contiguous:
+    the mesh lists each process's devices together)."""
+    indices = batch_sharding(mesh, 1).addressable_devices_indices_map((global_rows,)).values()
+    starts = [index[0].indices(global_rows)[0] for index in indices]
+    stops = [index[0].indices(global_rows)[1] for index in indices]
+    return slice(min(starts), max(stops))
+
+
+def put_batch(local_batch: dict[str, np.ndarray], mesh: Mesh, global_rows: int) -> dict[str, jax.Array]:
+    """Place this process's rows (`process_rows`) of a global batch on the mesh: every leaf's
+    leading axis is the batch; the result has `global_rows` rows."""
+    return {key: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(value)), value,
+                                                         (global_rows, *np.shape(value)[1:]))
+            for key, value in local_batch.items()}

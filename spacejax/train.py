@@ -181,7 +181,8 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
     return step
 
 
-def make_score_fn(model_cfg: ModelConfig) -> Callable:
-    """(params, tokens, loss_mask, attention_mask [N, L]) -> (logps [N], counts [N]), jitted."""
+def make_score_fn(model_cfg: ModelConfig, out_shardings=None) -> Callable:
+    """(params, tokens, loss_mask, attention_mask [N, L]) -> (logps [N], counts [N]), jitted;
+    `out_shardings` (e.g. replicated) lets every process read the whole result."""
     return jax.jit(lambda params, tokens, loss_mask, attention_mask: sequence_logps(
-        model_cfg, params, tokens, loss_mask, attention_mask))
+        model_cfg, params, tokens, loss_mask, attention_mask), out_shardings=out_shardings)

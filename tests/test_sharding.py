@@ -1,0 +1,118 @@
+"""The mesh: shapes, placement, invariance of the loop's losses to the mesh, and a real
+two-process `jax.distributed` run on loopback against the single-process run."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from spacejax import checkpoint, metrics, model, selfplay, sharding
+from spacejax.config import ConfigError, MeshConfig, ModelConfig, load
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["selfplay.sft_epochs=0", "selfplay.iterations=1", "data.num_train=64", "data.num_eval=16",
+        "selfplay.eval_kl_samples=128", "train.epochs=1", "train.batch_size=16", "checkpoint.every_steps=2",
+        "sampler.batch_size=32"]
+
+
+def test_mesh_fills_minus_one_and_can_use_fewer_devices():
+    mesh = sharding.make_mesh(MeshConfig(data=-1, fsdp=2, tensor=2))
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1)).devices.size == 1
+    with pytest.raises(ConfigError, match="need 16 devices"):
+        sharding.make_mesh(MeshConfig(data=4, fsdp=4, tensor=1))
+    with pytest.raises(ConfigError, match="not divisible by 3"):
+        sharding.make_mesh(MeshConfig(data=-1, fsdp=3, tensor=1))
+
+
+def test_params_follow_the_logical_rules_and_replicate_what_does_not_divide():
+    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    cfg = ModelConfig(vocab_size=15, num_kv_heads=1, num_heads=4)
+    shapes = jax.eval_shape(lambda: model.init(cfg, jax.random.key(0)))
+    specs = jax.tree.map(lambda s: tuple(s.spec), sharding.tree_shardings(model.logical_axes(cfg), shapes, mesh))
+    assert specs["layers"]["self_attn"]["q_proj"]["kernel"] == (None, "fsdp", "tensor", None)
+    assert specs["layers"]["self_attn"]["k_proj"]["kernel"] == (None, "fsdp", None, None)  # 1 kv head
+    assert specs["layers"]["mlp"]["down_proj"]["kernel"] == (None, "tensor", "fsdp")
+    assert specs["embed_tokens"]["embedding"] == (None, "fsdp")  # vocab 15 does not divide by 2
+
+
+def test_process_rows_cover_the_batch_in_one_process():
+    mesh = sharding.make_mesh(MeshConfig())
+    assert sharding.process_rows(mesh, 32) == slice(0, 32)
+    placed = sharding.put_batch({"x": np.arange(32 * 3).reshape(32, 3)}, mesh, 32)["x"]
+    assert placed.sharding.spec[0] == ("data", "fsdp")
+    np.testing.assert_array_equal(sharding.to_host(placed), np.arange(32 * 3).reshape(32, 3))
+
+
+def step_losses(workdir):
+    return np.array([r["loss"] for r in metrics.read(workdir) if "event" not in r])
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """tiny_space, one iteration, on the default mesh: 8 devices on the data axis."""
+    workdir = tmp_path_factory.mktemp("reference")
+    selfplay.run(load(ROOT / "configs" / "tiny_space.yaml", TINY), workdir)
+    return workdir
+
+
+@pytest.mark.parametrize("mesh", [(1, 8, 1), (2, 2, 2), (2, 1, 4), (1, 1, 1)])
+def test_losses_do_not_depend_on_the_mesh(reference_run, tmp_path, mesh):
+    overrides = TINY + [f"mesh.data={mesh[0]}", f"mesh.fsdp={mesh[1]}", f"mesh.tensor={mesh[2]}"]
+    selfplay.run(load(ROOT / "configs" / "tiny_space.yaml", overrides), tmp_path)
+    reference = step_losses(reference_run)
+    assert len(reference) == 4
+    np.testing.assert_allclose(step_losses(tmp_path), reference, atol=1e-5, rtol=0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_processes(arguments, count=2, devices_each=4, timeout=600):
+    """Start `count` processes of `python -m spacejax.cli ARGS` (or a script) on loopback."""
+    port = free_port()
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_each}")
+    processes = [subprocess.Popen([sys.executable, *arguments, "--coordinator", f"127.0.0.1:{port}",
+                                   "--num-processes", str(count), "--process-id", str(i)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                 for i in range(count)]
+    outputs = [p.communicate(timeout=timeout)[0] for p in processes]
+    for process, output in zip(processes, outputs):
+        assert process.returncode == 0, output[-3000:]
+    return outputs
+
+
+def test_two_processes_reproduce_the_single_process_run(reference_run, tmp_path):
+    workdir = tmp_path / "two"
+    run_processes(["-m", "spacejax.cli", "train", "--config", str(ROOT / "configs" / "tiny_space.yaml"),
+                   "--workdir", str(workdir), *TINY])
+    np.testing.assert_allclose(step_losses(workdir), step_losses(reference_run), atol=1e-5, rtol=0)
+    one = [r for r in metrics.read(reference_run) if "event" in r][0]
+    two = [r for r in metrics.read(workdir) if "event" in r][0]
+    assert two["eval/kl"] == pytest.approx(one["eval/kl"], abs=1e-4)
+
+    # written by 2 processes, restored by 1 on another mesh
+    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    cfg = checkpoint.load_config(workdir / "iter_000" / "final")
+    shardings = selfplay.param_shardings(cfg, mesh)
+    _, restored = checkpoint.load_params(workdir / "iter_000" / "final", shardings)
+    _, expected = checkpoint.load_params(reference_run / "iter_000" / "final")
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_a_single_process_checkpoint_restores_in_two_processes(reference_run):
+    final = reference_run / "iter_000" / "final"
+    _, params = checkpoint.load_params(final)
+    expected = sum(float(np.asarray(leaf, np.float64).sum()) for leaf in jax.tree.leaves(params))
+    outputs = run_processes([str(Path(__file__).parent / "restore_worker.py"), str(final)])
+    for output in outputs:
+        assert f"checksum {expected:.6f}" in output, output[-2000:]
