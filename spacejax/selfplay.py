@@ -185,7 +185,8 @@ class Run:
             phase_dir = checkpoint.iteration_dir(self.workdir, iteration)
             if checkpoint.is_done(phase_dir):
                 params = self.load_final(phase_dir)
-                previous_pairs = Pairs.load(phase_dir / "samples.parquet")
+                loaded = Pairs.load(phase_dir / "samples.parquet")
+                previous_pairs = loaded.select(loaded.origin == "new")
                 evaluation = json.loads((phase_dir / "eval.json").read_text())
                 continue
             pairs = self.samples(iteration, params, previous_pairs)

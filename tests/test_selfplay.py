@@ -96,15 +96,26 @@ def test_a_finished_run_resumes_to_the_same_result_without_work(space_run):
 
 
 def test_spin_starts_every_iteration_at_log_2_and_mixes_previous_pairs(tmp_path):
-    selfplay.run(load("tiny_spin.yaml", *SMALL), tmp_path)
+    spin = load("tiny_spin.yaml", *SMALL, "selfplay.iterations=3")
+    selfplay.run(spin, tmp_path)
     records = metrics.read(tmp_path)
-    for iteration in (0, 1):
+    for iteration in (0, 1, 2):
         first = next(r for r in records if r["iteration"] == iteration and "event" not in r)
         assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)
-    pairs = Pairs.load(tmp_path / "iter_001" / "samples.parquet")
-    assert (pairs.origin == "previous").sum() == 64 and (pairs.origin == "new").sum() == 64 + 32
+    for iteration in (1, 2):  # only the previous iteration's own new pairs are mixed in (SPIN)
+        pairs = Pairs.load(tmp_path / f"iter_{iteration:03d}" / "samples.parquet")
+        assert (pairs.origin == "previous").sum() == 64 and (pairs.origin == "new").sum() == 64 + 32
     steps = [r for r in records if r["iteration"] == 1 and "event" not in r]
     assert len(steps) == 128 // 16
+
+    # Resuming after the previous iterations finished mixes in the same pairs again.
+    before = Pairs.load(tmp_path / "iter_002" / "samples.parquet")
+    shutil.rmtree(tmp_path / "iter_002")
+    selfplay.run(spin, tmp_path)
+    after = Pairs.load(tmp_path / "iter_002" / "samples.parquet")
+    assert (after.origin == "previous").sum() == 64
+    for a, b in zip(before.generated_ids, after.generated_ids):
+        np.testing.assert_array_equal(a[0], b[0])
 
 
 def run_cli_in_subprocess(workdir, overrides):
