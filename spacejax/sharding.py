@@ -54,14 +54,14 @@ def make_mesh(cfg: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -
 def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
                process_id: Optional[int] = None) -> None:
     """Start `jax.distributed` for a multi-process run: explicitly with a coordinator address
-    (CPU and GPU clusters, tests on loopback), automatically on a multi-host TPU VM slice, and
-    not at all on a single host."""
+    (CPU and GPU clusters, tests on loopback), automatically on a multi-host TPU VM slice or a
+    multi-task SLURM job, and not at all on a single host."""
     if coordinator is not None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                    process_id=process_id)
-    elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
-        jax.distributed.initialize()
+    elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", "") or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        jax.distributed.initialize()  # a multi-host TPU slice or a SLURM job: detected by jax
 
 
 def batch_size_divisor(mesh: Mesh) -> int:

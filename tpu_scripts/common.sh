@@ -1,7 +1,8 @@
 # shellcheck shell=bash disable=SC2034  # the variables are used by the scripts that source this file
 # Helpers shared by the tpu_scripts: printing and running commands (--dry-run), argument checks,
 # the gcloud flags every command takes, and the remote layout on the TPU workers.
-# Sourced, never run. Written for bash 3.2+ (the bash macOS ships), so no associative arrays.
+# Sourced, never run. No bash 4 features (associative arrays, mapfile, namerefs), so that the bash 3.2
+# of macOS should do too; tested with bash 5.
 
 # Where things live on every worker (home directory of the ssh user).
 # shellcheck disable=SC2016  # expanded by the remote shell, on the worker
@@ -118,9 +119,10 @@ tpu_ssh() {
   run gcloud compute tpus tpu-vm ssh "$NAME" "${GCLOUD_FLAGS[@]}" --worker="$1" --command "$2"
 }
 
-# The remote prelude: fail fast, then use the spacejax virtual environment from the source tree.
-remote_activate() {
-  printf 'set -euo pipefail; source "%s/bin/activate"; cd "%s"' "$REMOTE_VENV" "$REMOTE_SRC"
+# The remote prelude: fail fast, put the spacejax virtual environment first on PATH, go to the source tree.
+remote_prelude() {
+  # shellcheck disable=SC2016  # $PATH: expanded on the worker
+  printf 'set -euo pipefail; export PATH="%s/bin:$PATH"; cd "%s"' "$REMOTE_VENV" "$REMOTE_SRC"
 }
 
 # The iteration directory name of 0-based iteration N: iter_003 (spacejax.checkpoint.iteration_dir).

@@ -17,16 +17,16 @@ Runs, on every worker at once (gcloud compute tpus tpu-vm ssh --worker=all), in 
 
 and writes the process id to ~/spacejax-logs/train.pid. Every worker runs the same command: on a
 TPU VM jax.distributed.initialize() finds the other hosts by itself, so no coordinator flags are
-needed. WORKDIR must be one directory every host sees, normally gs://BUCKET/runs/NAME: Orbax
-writes the checkpoints to Cloud Storage directly (all hosts take part in each save) and process 0
-writes config.yaml and metrics.jsonl there. Launching the same command again (after a crash,
+needed. WORKDIR must be one directory every host sees as a filesystem: a bucket mounted with
+gcsfuse (e.g. /mnt/runs/NAME) or an NFS share. All hosts take part in each Orbax save there and
+process 0 writes config.yaml and metrics.jsonl; spacejax does not write gs:// URLs itself yet. Launching the same command again (after a crash,
 or on a re-created VM) resumes from the workdir; babysit.sh does exactly that.
 
 Required:
   --name NAME            TPU VM (node) name
   --zone ZONE            its zone
   --config CONFIG        a config of this repository, relative to its root (e.g. configs/zephyr7b_space.yaml)
-  --workdir WORKDIR      the run directory, e.g. gs://BUCKET/runs/zephyr7b_space
+  --workdir WORKDIR      the run directory, e.g. /mnt/runs/zephyr7b_space (a gcsfuse mount)
 
 Options:
   --project PROJECT      Google Cloud project (default: gcloud's core/project)
@@ -75,8 +75,8 @@ if ((!STOP_ONLY)); then
   if [[ $CONFIG != /* && ! -f $REPO_ROOT/$CONFIG ]]; then
     die "--config $CONFIG is not a file of $REPO_ROOT (setup.sh ships that tree; give the path relative to it)"
   fi
-  if [[ $WORKDIR != gs://* ]]; then
-    log "warning: --workdir $WORKDIR is not a gs:// bucket path: on a multi-host slice every host must see the same directory"
+  if [[ $WORKDIR == gs://* ]]; then
+    log "warning: spacejax writes its workdir with file operations gs:// does not offer; mount the bucket with gcsfuse and pass that path"
   fi
 fi
 for env in ${ENVS[@]+"${ENVS[@]}"}; do
@@ -106,14 +106,14 @@ fi
 
 steps=("set -euo pipefail" "mkdir -p \"$REMOTE_LOGS\"" "pidfile=\"$REMOTE_LOGS/train.pid\"" "$stop_running")
 if ((!STOP_ONLY)); then
-  steps+=("source \"$REMOTE_VENV/bin/activate\"" "cd \"$REMOTE_SRC\"")
+  steps+=("export PATH=\"$REMOTE_VENV/bin:\$PATH\"" "cd \"$REMOTE_SRC\"")
   for env in ${ENVS[@]+"${ENVS[@]}"}; do
     steps+=("export $(shell_quote "$env")")
   done
   # shellcheck disable=SC2016
   steps+=(
     "log=\"$REMOTE_LOGS/worker-\$(hostname).log\""
-    "echo \"=== \$(date -u +%Y-%m-%dT%H:%M:%SZ) launch.sh: \"$(shell_quote "$train_command") >>\"\$log\""
+    "echo \"=== \$(date -u +%Y-%m-%dT%H:%M:%SZ) launch.sh on \$(hostname)\" >>\"\$log\""
     "nohup $train_command >>\"\$log\" 2>&1 </dev/null &"
     'echo $! >"$pidfile"'
     'echo "$(hostname): started spacejax train (pid $!), log $log"'

@@ -1,0 +1,316 @@
+#!/usr/bin/env python3
+"""Preflight check of a (multi-host) JAX cluster against a spacejax config, before launching it.
+
+On a TPU VM slice, every worker runs it at once (tpu_scripts/preflight.sh does, with
+`gcloud compute tpus tpu-vm ssh --worker=all`); locally it runs as one process on CPU:
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \\
+        python tpu_scripts/preflight.py --config configs/tiny_space.yaml
+
+Every process joins `jax.distributed` (automatic on TPU VMs; `--coordinator/--num-processes/
+--process-id` elsewhere; with `--distributed auto`, the default, a machine where no cluster is
+detected runs as a single process) and prints its index, host and devices. Then, together:
+
+- the versions of jax, jaxlib, libtpu, flax, optax, orbax-checkpoint, transformers and spacejax (and
+  a digest of spacejax's source files) and the resolved config are gathered from every process
+  (`multihost_utils.process_allgather`) and must be identical;
+- the config's mesh must fit the global device count (`sharding.make_mesh`), and
+  train.batch_size / train.grad_accum_steps and sampler.batch_size must be multiples of the
+  data x fsdp axes (`sharding.batch_size_divisor`);
+- the local paths the config reads (init_from, data.source, data.tokenizer) must exist on every host;
+- a sum over an array sharded on every device must give the right answer (the interconnect works).
+
+Every process takes part in the same collectives whatever goes wrong locally, so a failure on one
+host cannot hang the others. Exit status: 0 all good, 1 a check failed (process 0 names each
+problem and the processes/hosts concerned), 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.metadata
+import pathlib
+import socket
+import sys
+import time
+
+import numpy as np
+
+PACKAGES = ("jax", "jaxlib", "libtpu", "flax", "optax", "orbax-checkpoint", "transformers", "spacejax")
+PATH_KEYS = ("init_from", "data.source", "data.tokenizer")
+WIDTH = 96  # bytes per gathered string
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="preflight.py", description=__doc__.split("\n\n")[0],
+        epilog="Example: XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu "
+               "python tpu_scripts/preflight.py --config configs/tiny_space.yaml")
+    parser.add_argument("--config", required=True, help="the config you will launch (a YAML file of configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="the overrides you will launch with")
+    parser.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
+                        help="on: jax.distributed.initialize() must succeed (automatic on TPU VMs, SLURM, ...); "
+                             "auto (default): the same, but run as a single process where no cluster is "
+                             "detected; off: single process")
+    parser.add_argument("--no-distributed", dest="distributed", action="store_const", const="off",
+                        help="the same as --distributed off")
+    parser.add_argument("--coordinator", metavar="HOST:PORT", help="explicit coordinator (GPU/CPU clusters)")
+    parser.add_argument("--num-processes", type=int, help="with --coordinator: the number of processes")
+    parser.add_argument("--process-id", type=int, help="with --coordinator: this process's index")
+    args = parser.parse_args(argv)
+    explicit = [args.coordinator, args.num_processes, args.process_id]
+    if any(v is not None for v in explicit) and not all(v is not None for v in explicit):
+        parser.error("--coordinator, --num-processes and --process-id go together")
+    if args.coordinator and args.distributed == "off":
+        parser.error("--coordinator needs distributed mode (drop --no-distributed)")
+    return args
+
+
+def init_distributed(args: argparse.Namespace) -> str:
+    """Join the cluster; returns how (for the report)."""
+    import jax
+
+    if args.distributed == "off":
+        return "single process (--distributed off)"
+    if args.coordinator:
+        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                   process_id=args.process_id)
+        return f"jax.distributed via coordinator {args.coordinator}"
+    try:
+        jax.distributed.initialize()
+    except ValueError as error:  # no cluster environment found (TPU VM, SLURM, Open MPI, ...)
+        if args.distributed == "on":
+            raise SystemExit(f"preflight: FAILED: jax.distributed.initialize() found no cluster ({error}); on "
+                             "a TPU VM run it through preflight.sh, elsewhere pass --coordinator/--num-processes/"
+                             "--process-id, or --distributed off for a single host") from None
+        return f"single process (no cluster detected: {error})"
+    return "jax.distributed (auto-detected)"
+
+
+# ---------------------------------------------------------------------------------------------
+# What every process reports
+
+
+def package_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def source_digest() -> str:
+    """A digest of the spacejax package's .py files: catches hosts with different code but one version."""
+    try:
+        import spacejax
+    except ImportError:
+        return "not importable"
+    root = pathlib.Path(spacejax.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def load_config(path: str, overrides):
+    """(cfg, None) or (None, message): a failure here must not skip the collectives."""
+    from spacejax import config as config_lib
+
+    try:
+        return config_lib.load(path, overrides), None
+    except (config_lib.ConfigError, OSError) as error:
+        return None, str(error)
+
+
+def config_digest(cfg, error) -> str:
+    if cfg is None:
+        return "ERROR " + error
+    from spacejax import config as config_lib
+
+    return "sha256:" + hashlib.sha256(config_lib.dump(cfg).encode()).hexdigest()[:16]
+
+
+def local_path(cfg, key: str):
+    """The local filesystem path the config reads at `key`, or None (unset, the toy task, tfds, gs://)."""
+    value = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    if not value or value == "toy" or "://" in value or value.startswith("tfds:"):
+        return None
+    return value
+
+
+def path_status(cfg) -> list[int]:
+    """Per PATH_KEYS: 1 exists here, 0 missing here, -1 nothing to check."""
+    if cfg is None:
+        return [-1] * len(PATH_KEYS)
+    status = []
+    for key in PATH_KEYS:
+        path = local_path(cfg, key)
+        status.append(-1 if path is None else int(pathlib.Path(path).exists()))
+    return status
+
+
+def identity_items(cfg, error) -> dict[str, str]:
+    """What must be identical on every process."""
+    items = {name: package_version(name) for name in PACKAGES}
+    items["spacejax source"] = source_digest()
+    items["resolved config"] = config_digest(cfg, error)
+    return items
+
+
+def encode(strings) -> np.ndarray:
+    """Strings -> uint8 [len(strings), WIDTH] (truncated, zero-padded): gatherable across processes."""
+    table = np.zeros((len(strings), WIDTH), np.uint8)
+    for i, text in enumerate(strings):
+        data = text.encode()[:WIDTH]
+        table[i, :len(data)] = np.frombuffer(data, np.uint8)
+    return table
+
+
+def decode(row: np.ndarray) -> str:
+    return bytes(row).rstrip(b"\0").decode(errors="replace")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks on the gathered reports (pure functions of arrays: tested without a cluster)
+
+
+def describe_processes(processes, hosts) -> str:
+    processes = list(processes)
+    shown = ", ".join(f"{p} ({hosts[p]})" for p in processes[:8])
+    return f"process{'es' if len(processes) > 1 else ''} {shown}{', ...' if len(processes) > 8 else ''}"
+
+
+def compare_identity(names, values, hosts) -> list[str]:
+    """values[p][i]: process p's value of names[i]. One problem per name whose values differ."""
+    problems = []
+    for i, name in enumerate(names):
+        by_value: dict[str, list[int]] = {}
+        for process, row in enumerate(values):
+            by_value.setdefault(row[i], []).append(process)
+        if len(by_value) > 1:
+            groups = "; ".join(f"{value!r} on {describe_processes(procs, hosts)}" for value, procs in by_value.items())
+            problems.append(f"{name} differs across processes: {groups}. Run setup.sh again so every host "
+                            "has the same packages, source and config.")
+    return problems
+
+
+def compare_paths(cfg, statuses, hosts) -> list[str]:
+    """statuses [P, len(PATH_KEYS)] from every process; names each missing path and where."""
+    problems = []
+    for i, key in enumerate(PATH_KEYS):
+        missing = [p for p, row in enumerate(statuses) if row[i] == 0]
+        if missing:
+            path = local_path(cfg, key) if cfg is not None else "?"
+            problems.append(f"{key} = {path} does not exist on {describe_processes(missing, hosts)}: copy it to "
+                            "every host (setup.sh --stage gs://...=DIR) before launching")
+    return problems
+
+
+def check_mesh(cfg, devices) -> tuple[list[str], str]:
+    """The mesh of `cfg` on `devices` and the batch sizes it must divide; (problems, description)."""
+    from spacejax import config as config_lib, sharding
+
+    try:
+        mesh = sharding.make_mesh(cfg.mesh, devices)
+    except config_lib.ConfigError as error:
+        return [f"mesh: {error}"], ""
+    divisor = sharding.batch_size_divisor(mesh)
+    axes = ", ".join(f"{axis}={size}" for axis, size in mesh.shape.items())
+    described = f"mesh ({axes}) on {len(devices)} devices; batches split over data x fsdp = {divisor}"
+    problems = []
+    micro_batch = cfg.train.batch_size // cfg.train.grad_accum_steps
+    if micro_batch % divisor:
+        problems.append(
+            f"train.batch_size / train.grad_accum_steps = {cfg.train.batch_size} / {cfg.train.grad_accum_steps} "
+            f"= {micro_batch} is not divisible by mesh data x fsdp = {divisor} ({axes} on {len(devices)} "
+            f"devices): make train.batch_size a multiple of {divisor * cfg.train.grad_accum_steps} or change "
+            "mesh.data / mesh.fsdp")
+    if cfg.sampler.batch_size % divisor:
+        problems.append(
+            f"sampler.batch_size = {cfg.sampler.batch_size} is not divisible by mesh data x fsdp = {divisor} "
+            f"({axes} on {len(devices)} devices): make it a multiple of {divisor}")
+    return problems, described
+
+
+def allreduce_check(devices) -> tuple[list[str], str]:
+    """Sum an array with one element per device, sharded over all of them; every process joins."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.asarray(devices), ("all",))
+    n = len(devices)
+    start = time.perf_counter()
+    values = jax.make_array_from_callback(
+        (n,), NamedSharding(mesh, PartitionSpec("all")),
+        lambda index: np.arange(n, dtype=np.float32)[index] + 1)
+    total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, PartitionSpec()))(values)
+    total = float(np.asarray(total.addressable_data(0)))
+    expected = n * (n + 1) / 2
+    elapsed = time.perf_counter() - start
+    if total != expected:
+        return [f"all-reduce over {n} devices gave {total}, expected {expected}: the interconnect is broken"], ""
+    return [], f"all-reduce over {n} devices: ok ({elapsed * 1e3:.0f} ms with compilation)"
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import jax
+
+    mode = init_distributed(args)
+    from jax.experimental import multihost_utils
+
+    index, count = jax.process_index(), jax.process_count()
+    host = socket.gethostname()
+    devices, local = jax.devices(), jax.local_devices()
+    print(f"[preflight process {index}/{count} on {host}] {mode}; backend {jax.default_backend()}, "
+          f"device kind {devices[0].device_kind!r}, global devices {len(devices)}, local devices {len(local)} "
+          f"(ids {[d.id for d in local]})", flush=True)
+
+    cfg, error = load_config(args.config, args.overrides)
+    items = identity_items(cfg, error)
+    items["device kind"] = devices[0].device_kind
+    names = list(items)
+    # Every process runs the same collectives below, whatever failed locally.
+    table = multihost_utils.process_allgather(encode([host, *items.values()]))  # [P, 1 + len(items), WIDTH]
+    statuses = multihost_utils.process_allgather(np.asarray(path_status(cfg), np.int32))  # [P, len(PATH_KEYS)]
+    problems, allreduce = allreduce_check(devices)
+    table, statuses = np.asarray(table).reshape(count, len(names) + 1, WIDTH), np.asarray(statuses).reshape(count, -1)
+    hosts = [decode(row[0]) for row in table]
+    values = [[decode(cell) for cell in row[1:]] for row in table]
+
+    problems = compare_identity(names, values, hosts) + problems
+    lines = []
+    if cfg is None:
+        problems.insert(0, f"config: {error}")
+    else:
+        mesh_problems, mesh_line = check_mesh(cfg, devices)
+        problems += mesh_problems + compare_paths(cfg, statuses, hosts)
+        lines.append(mesh_line)
+    lines.append(allreduce)
+
+    if index == 0:
+        print(f"preflight: {count} process{'es' if count > 1 else ''} on hosts {sorted(set(hosts))}")
+        print("preflight: versions on process 0: " + ", ".join(f"{name} {items[name]}" for name in names))
+        for line in filter(None, lines):
+            print(f"preflight: {line}")
+        if problems:
+            print(f"preflight: FAILED ({len(problems)} problem{'s' if len(problems) > 1 else ''}):", file=sys.stderr)
+            for problem in problems:
+                print(f"  - {problem}", file=sys.stderr)
+        else:
+            print(f"preflight: OK: {args.config} fits this cluster; launch it with the same config and overrides")
+    elif problems:
+        print(f"[preflight process {index}] FAILED: see process 0's report", file=sys.stderr)
+    sys.stdout.flush()
+    multihost_utils.sync_global_devices("preflight done")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
