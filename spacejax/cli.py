@@ -10,7 +10,7 @@ from pathlib import Path
 import transformers
 from absl import logging as absl_logging
 
-from spacejax import checkpoint, config, hf, sampler, selfplay, sharding
+from spacejax import checkpoint, config, hf, plan, sampler, selfplay, sharding
 
 
 def convert(args: argparse.Namespace) -> None:
@@ -72,6 +72,13 @@ def generate(args: argparse.Namespace) -> None:
     print(f"wrote {len(completions)} completions of {len(rows)} prompts to {args.out}")
 
 
+def plan_memory(args: argparse.Namespace) -> int:
+    """Per-device memory of a config on N devices; exit status 1 when it does not fit."""
+    estimate = plan.make_plan(config.load(args.config, args.overrides), args.devices, args.hbm_gib)
+    print(plan.format_plan(estimate))
+    return 0 if estimate.fits else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spacejax", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -117,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32, help="rows generated together")
     p.set_defaults(run=generate)
+
+    p = commands.add_parser("plan", help="per-device memory and divisibility of a config on a topology")
+    p.add_argument("--config", required=True, help="a YAML file of configs/")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    p.add_argument("--devices", type=int, required=True, help="number of devices (chips)")
+    p.add_argument("--hbm-gib", type=float, required=True, help="memory per device, GiB (v5p 95, v4 32)")
+    p.set_defaults(run=plan_memory)
     return parser
 
 
@@ -125,11 +139,11 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax reports every save at INFO
     try:
-        args.run(args)
+        code = args.run(args)
     except (ValueError, FileNotFoundError, FileExistsError, selfplay.NonFiniteLoss) as error:
         print(f"spacejax {args.command}: error: {error}", file=sys.stderr)
         return 2
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -208,6 +208,10 @@ class TrainConfig:
                               f"train.grad_accum_steps ({self.grad_accum_steps})")
 
 
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # a batch (and every activation's leading axis) is split over these
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """Device mesh axis sizes; one may be -1, filled from the device count."""

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from spacejax.config import ModelConfig
+from spacejax.config import BATCH_AXES, ModelConfig
 
 INIT_STD = 0.02  # Hugging Face's initializer_range for these families
 MASKED_SCORE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully masked rows give no NaN
@@ -106,6 +106,16 @@ def attention_mask_for(cfg: ModelConfig, query_positions: jax.Array, key_positio
     if cfg.sliding_window is not None:
         allowed &= q - k < cfg.sliding_window
     return allowed
+
+
+def split_batch(x: jax.Array) -> jax.Array:
+    """Keep an activation [B, ...] split over the batch axes of the mesh in context
+    (`jax.set_mesh`), so fsdp-sharded weights do not leave activations replicated over fsdp.
+    Without a mesh in context (or one without those axes) it is the identity."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+        return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(BATCH_AXES, *([None] * (x.ndim - 1))))
 
 
 def _param_init(names: tuple[str, ...]):
@@ -197,7 +207,7 @@ class Block(nn.Module):
             RMSNorm(self.cfg, name="input_layernorm")(x), cos, sin, mask, layer_cache, cache_index)
         x = x + attn_out
         x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="post_attention_layernorm")(x))
-        return x, layer_cache
+        return split_batch(x), layer_cache
 
 
 class Transformer(nn.Module):
@@ -209,7 +219,7 @@ class Transformer(nn.Module):
         cfg = self.cfg
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                          embedding_init=_param_init(("vocab", "embed")), name="embed_tokens")
-        x = embed(tokens)
+        x = split_batch(embed(tokens))
         cos, sin = rope_cos_sin(cfg, positions)
         new_key_positions = jnp.where(attention_mask, positions, -1)
         if cache is None:

@@ -165,7 +165,8 @@ class Run:
     def run(self) -> dict:
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
-            return self._run()
+            with jax.set_mesh(self.mesh):  # activations follow the batch split (model.split_batch)
+                return self._run()
         finally:
             signal.signal(signal.SIGTERM, previous)
 
@@ -287,8 +288,11 @@ class Run:
             schedule = train.learning_rate_schedule(cfg, total_steps, peak=learning_rate)
             optimizer = train.make_optimizer(cfg, schedule)
             step = train.make_train_step(self.objective(kind), optimizer, schedule, cfg.grad_accum_steps)
-            self.compiled[key] = (jax.jit(lambda params: train.create_state(params, optimizer)),
-                                  jax.jit(step, donate_argnums=0))
+            shapes = jax.eval_shape(lambda: model.init(self.model_cfg, jax.random.key(0)))
+            replicated = sharding.replicated(self.mesh)
+            placement = train.state_shardings(optimizer, shapes, param_shardings(self.model_cfg, self.mesh), replicated)
+            self.compiled[key] = (jax.jit(lambda params: train.create_state(params, optimizer), out_shardings=placement),
+                                  jax.jit(step, donate_argnums=0, out_shardings=(placement, replicated)))
         return self.compiled[key]
 
     def fit(self, iteration: int, params, pairs: Pairs, kind: str, learning_rate: float, epochs: int):

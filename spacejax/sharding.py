@@ -15,10 +15,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from spacejax.config import ConfigError, MeshConfig
+from spacejax.config import BATCH_AXES, MESH_AXES as AXES, ConfigError, MeshConfig
 
-AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
 LOGICAL_RULES: dict[str, Optional[tuple[str, ...]]] = {
     "batch": BATCH_AXES,
     "embed": ("fsdp",),

@@ -74,6 +74,16 @@ def create_state(params, optimizer: optax.GradientTransformation) -> TrainState:
                       nonfinite_in_a_row=jnp.zeros((), jnp.int32))
 
 
+def state_shardings(optimizer: optax.GradientTransformation, params_shapes, params_shardings,
+                    replicated) -> TrainState:
+    """Shardings of a TrainState: optimizer leaves shaped like params are sharded like them (so an
+    fsdp-sharded model keeps an fsdp-sharded optimizer state), the rest (counts) `replicated`."""
+    state = jax.eval_shape(lambda params: create_state(params, optimizer), params_shapes)
+    opt_state = optax.tree_map_params(optimizer, lambda _, sharding: sharding, state.opt_state, params_shardings,
+                                      transform_non_params=lambda _: replicated)
+    return TrainState(step=replicated, params=params_shardings, opt_state=opt_state, nonfinite_in_a_row=replicated)
+
+
 # ----------------------------------------------------------------------------------- objectives
 
 

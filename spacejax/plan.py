@@ -1,0 +1,383 @@
+"""Memory and divisibility planner: will a config fit a device topology, and what fills each chip?
+
+    spacejax plan --config configs/zephyr7b_space.yaml --devices 64 --hbm-gib 95
+
+Nothing is allocated and no device is needed: parameter and optimizer-state shapes come from
+`jax.eval_shape`, their per-device shard shapes from `NamedSharding.shard_shape` over a
+`jax.sharding.AbstractMesh` of N devices built with the config's axis sizes (one -1 filled from
+N), using the same logical rules as `sharding.spec_for`.
+
+Phases. Training, generation and opponent scoring never run at the same time, so
+
+    peak = params + max(train step, generation, scoring)
+
+where the params (theta_t, or the train state's params while training) are resident in every
+phase and each phase adds its own:
+
+    train step  = optimizer state + gradients + saved activations + max(one layer's backward
+                  workspace, logits/loss)
+    generation  = the decode weights copy (`sampler.step_params`) + KV cache + prefill workspace
+    scoring     = max(one layer's forward workspace, logits) of a forward-only pass
+
+Activation formula (per device). r rows on the device = the phase's rows / (data x fsdp) when
+divisible (else all rows: replicated), L tokens, a bytes of the compute dtype, and per layer the
+units (heads, kv heads, mlp and vocab divided by `tensor` where it divides them)
+
+    u_h = r L H a,   u_q = r L N D a,   u_kv = r L K D a,   u_f = r L F a,   u_s = r N L S 4
+
+(u_s: float32 attention scores against S keys; S = L except in prefill). The scanned decoder
+keeps, for every one of the n layers, what the backward pass needs (`saved`), and at any time
+works on one layer (`workspace`):
+
+    saved(none) = 6 u_h + 2 u_q + 2 u_kv + 6 u_f + 2 u_s   every residual of a layer: its input,
+                  the norms' outputs, q/k/v after RoPE, scores and probabilities, gate, up, silu
+    saved(dots) = 3 u_h + u_q + 2 u_kv + 2 u_f              the carry and the outputs of the
+                  weight matmuls (q, k, v, o, gate, up, down); attention einsums are recomputed
+    saved(full) = u_h                                        only the carry (the layer input)
+    workspace   = saved(none) - saved(policy)                the recomputed residuals of a layer
+                  (- u_s unless remat is none)               (recomputed scores fuse into the softmax)
+                  + u_s + 2 u_f + 2 u_h                      gradients of scores, mlp, hidden
+                  + 2 W                                      the layer's weights gathered over
+                                                              fsdp, and their full gradient
+    activations = n saved(policy) + workspace
+    logits/loss = 2 r L V 4 (+ r L V a with bf16 compute)    float32 logits and their gradient
+                  + 2 V H p                                  the gathered lm_head and its gradient
+
+W is one layer's parameters in the param dtype, unsharded over fsdp. The coefficients are the
+residuals JAX's autodiff keeps for this model's layer after XLA's fusion, read off XLA's buffer
+assignment; against `compiled.memory_analysis()` on 8 CPU devices (tests/test_plan.py) the
+estimate / XLA ratio of the whole step is 0.89-0.92 for remat none (XLA:CPU keeps a few more
+gradient temporaries), 1.00-1.01 for full and 1.09-1.11 for dots; scoring 1.08-1.09. Forward only (scoring, prefill) keeps nothing per layer:
+
+    forward workspace = 2 u_h + u_q + 2 u_kv + 2 u_f + u_s + W;  logits = r L V 4 + V H p
+
+Generation: the KV cache is 2 n r S K D a (+ r S 4 of key positions) with S = the prompt bucket
+(the power of two >= data.max_prompt_length, as `sampler.generate` pads) - 1 + max_new_tokens,
+r = sampler.batch_size rows / (data x fsdp); `sampler.generate` also holds `step_params`, a
+second copy of the weights in the decode layout (counted at the params' per-device size).
+
+Assumptions: activations are split over (data, fsdp) as DESIGN.md's rules say; the optimizer
+state is sharded like the params; the step's loss is computed at the longest bucket L =
+data.max_length (shorter buckets need less); the update's elementwise temporaries fuse in
+place. XLA on TPU fuses elementwise work into matmuls more aggressively than XLA:CPU, so the
+activation terms, checked on CPU, are on the safe side there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
+
+from spacejax import model, sharding, train
+from spacejax.config import ConfigError, ModelConfig, RunConfig
+
+GIB = 2**30
+SCORE_BYTES = 4  # attention scores and logits are float32
+MIN_PROMPT_BUCKET = 16  # sampler.MIN_BUCKET: prompts are left-padded to powers of two from 16
+
+
+# ----------------------------------------------------------------------------------- the mesh
+
+
+def mesh_sizes(cfg: RunConfig, devices: int) -> tuple[dict[str, int], list[str]]:
+    """The config's axis sizes with the -1 filled from `devices`, and notes on the device count."""
+    sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor]
+    known = math.prod(s for s in sizes if s != -1)
+    notes = []
+    if -1 in sizes:
+        if devices % known:
+            raise ConfigError(f"mesh sizes {dict(zip(sharding.AXES, sizes))}: {devices} devices are not "
+                              f"divisible by {known}")
+        sizes[sizes.index(-1)] = devices // known
+    product = math.prod(sizes)
+    if product > devices:
+        raise ConfigError(f"mesh sizes {dict(zip(sharding.AXES, sizes))} need {product} devices, only "
+                          f"{devices} given")
+    if product < devices:
+        notes.append(f"the mesh uses {product} of the {devices} devices (set one axis to -1 to use all)")
+    return dict(zip(sharding.AXES, sizes)), notes
+
+
+def abstract_mesh(sizes: dict[str, int]) -> AbstractMesh:
+    return AbstractMesh(tuple(sizes[a] for a in sharding.AXES), sharding.AXES)
+
+
+def _shards(mesh, axes) -> int:
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def _split(size: int, shards: int) -> float:
+    """Per-device share of a dimension split `shards` ways (the whole of it when not divisible)."""
+    return size / shards if size % shards == 0 else size
+
+
+# ----------------------------------------------------------------------------------- state
+
+
+def _leaf_bytes(shape_dtype, named_sharding: NamedSharding) -> int:
+    shape = named_sharding.shard_shape(shape_dtype.shape)
+    return int(math.prod(shape)) * np.dtype(shape_dtype.dtype).itemsize
+
+
+def param_shardings(model_cfg: ModelConfig, mesh):
+    """(abstract params, their NamedShardings on `mesh`): what `selfplay.param_shardings` places."""
+    shapes = jax.eval_shape(lambda: model.init(model_cfg, jax.random.key(0)))
+    return shapes, sharding.tree_shardings(model.logical_axes(model_cfg), shapes, mesh)
+
+
+def state_shardings(cfg: RunConfig, mesh):
+    """(abstract TrainState, its shardings), as the loop places it (train.state_shardings)."""
+    shapes, shardings = param_shardings(cfg.model, mesh)
+    optimizer = train.make_optimizer(cfg.train, optax.constant_schedule(cfg.train.learning_rate))
+    state = jax.eval_shape(lambda p: train.create_state(p, optimizer), shapes)
+    return state, train.state_shardings(optimizer, shapes, shardings, NamedSharding(mesh, PartitionSpec()))
+
+
+def tree_bytes(shapes, shardings) -> int:
+    return sum(jax.tree.leaves(jax.tree.map(_leaf_bytes, shapes, shardings)))
+
+
+def replicated_dims(model_cfg: ModelConfig, mesh) -> list[str]:
+    """Parameter dimensions whose mesh axes do not divide them (so they stay replicated)."""
+    shapes = jax.eval_shape(lambda: model.init(model_cfg, jax.random.key(0)))
+    found = {}
+    is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
+
+    def visit(logical, leaf):
+        for name, size in zip(tuple(logical), leaf.shape):
+            axes = sharding.LOGICAL_RULES.get(name) if name else None
+            if axes and _shards(mesh, axes) > 1 and size % _shards(mesh, axes):
+                found[name] = f"{name} ({size}) is not divisible by {' x '.join(axes)} = {_shards(mesh, axes)}"
+
+    jax.tree.map(visit, model.logical_axes(model_cfg), shapes, is_leaf=is_spec)
+    return sorted(found.values())
+
+
+# ----------------------------------------------------------------------------------- activations
+
+
+@dataclasses.dataclass(frozen=True)
+class Units:
+    """Per-device bytes of one layer's activation shapes (see the module doc)."""
+
+    hidden: float  # u_h
+    query: float  # u_q
+    kv: float  # u_kv
+    mlp: float  # u_f
+    scores: float  # u_s
+    layer_weights: float  # W: one layer's params, gathered over fsdp (still split over tensor)
+
+
+def units(model_cfg: ModelConfig, mesh, rows: int, length: int, keys: Optional[int] = None) -> Units:
+    m, tensor = model_cfg, mesh.shape["tensor"]
+    a = np.dtype(m.dtype).itemsize
+    p = np.dtype(m.param_dtype).itemsize
+    r = _split(rows, _shards(mesh, sharding.BATCH_AXES))
+    heads, kv_heads, mlp = _split(m.num_heads, tensor), _split(m.num_kv_heads, tensor), _split(m.intermediate_size, tensor)
+    keys = length if keys is None else keys
+    layer_params = (m.hidden_size * (heads + 2 * kv_heads) * m.head_dim + heads * m.head_dim * m.hidden_size
+                    + 3 * m.hidden_size * mlp + 2 * m.hidden_size)
+    return Units(hidden=r * length * m.hidden_size * a, query=r * length * heads * m.head_dim * a,
+                 kv=r * length * kv_heads * m.head_dim * a, mlp=r * length * mlp * a,
+                 scores=r * heads * length * keys * SCORE_BYTES, layer_weights=layer_params * p)
+
+
+def saved_per_layer(u: Units, remat: str) -> float:
+    if remat == "none":
+        return 6 * u.hidden + 2 * u.query + 2 * u.kv + 6 * u.mlp + 2 * u.scores
+    if remat == "dots":
+        return 3 * u.hidden + u.query + 2 * u.kv + 2 * u.mlp
+    return u.hidden
+
+
+def backward_workspace(u: Units, remat: str) -> float:
+    recomputed = saved_per_layer(u, "none") - saved_per_layer(u, remat)
+    if remat != "none":
+        recomputed -= u.scores  # recomputing, the scores fuse into the softmax: only the probabilities stay
+    return recomputed + u.scores + 2 * u.mlp + 2 * u.hidden + 2 * u.layer_weights
+
+
+def forward_workspace(u: Units) -> float:
+    return 2 * u.hidden + u.query + 2 * u.kv + 2 * u.mlp + u.scores + u.layer_weights
+
+
+def logits_bytes(model_cfg: ModelConfig, mesh, rows: int, length: int, backward: bool) -> float:
+    """Float32 logits [r, L, V] (and their gradient, a bf16 copy, the gathered lm_head)."""
+    m = model_cfg
+    r = _split(rows, _shards(mesh, sharding.BATCH_AXES))
+    vocab = _split(m.vocab_size, mesh.shape["tensor"])
+    a, p = np.dtype(m.dtype).itemsize, np.dtype(m.param_dtype).itemsize
+    copies = 2 if backward else 1  # the logits, and in the train step their gradient
+    total = copies * r * length * vocab * SCORE_BYTES + (r * length * vocab * a if a != SCORE_BYTES else 0)
+    return total + copies * vocab * m.hidden_size * p
+
+
+# ----------------------------------------------------------------------------------- the plan
+
+
+@dataclasses.dataclass(frozen=True)
+class Consumer:
+    name: str
+    bytes: float
+    phase: str  # "all", "train", "generation", "scoring"
+    note: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    devices: int
+    hbm_bytes: float
+    mesh: dict[str, int]
+    consumers: tuple[Consumer, ...]
+    phases: dict[str, float]  # per-device peak of each phase, resident params included
+    notes: tuple[str, ...]  # divisibility and device-count findings
+
+    @property
+    def peak(self) -> float:
+        return max(self.phases.values())
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=self.phases.get)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.hbm_bytes
+
+    @property
+    def largest(self) -> Consumer:
+        """The largest consumer of the peak phase (the resident params included)."""
+        return max((c for c in self.consumers if c.phase in ("all", self.peak_phase)), key=lambda c: c.bytes)
+
+    def consumer(self, name: str) -> Consumer:
+        return next(c for c in self.consumers if c.name == name)
+
+
+def train_rows(cfg: RunConfig) -> int:
+    """Rows of one micro-batch forward: B / grad_accum_steps pairs of 1 real + K synthetic."""
+    return cfg.train.batch_size // cfg.train.grad_accum_steps * (1 + cfg.sampler.num_samples)
+
+
+def prompt_bucket(cfg: RunConfig) -> int:
+    return max(MIN_PROMPT_BUCKET, 1 << (cfg.data.max_prompt_length - 1).bit_length())
+
+
+def train_step_phase(cfg: RunConfig, mesh) -> dict[str, float]:
+    """Per-device bytes of the jitted train step by consumer (params included)."""
+    state, shardings = state_shardings(cfg, mesh)
+    params = tree_bytes(state.params, shardings.params)
+    rows, length, m = train_rows(cfg), cfg.data.max_length, cfg.model
+    u = units(m, mesh, rows, length)
+    saved = m.num_layers * saved_per_layer(u, m.remat)
+    workspace = backward_workspace(u, m.remat)
+    logits = logits_bytes(m, mesh, rows, length, backward=True)
+    return {"params": params,
+            "optimizer state": tree_bytes(state.opt_state, shardings.opt_state),
+            "gradients": params * (1 if cfg.train.grad_accum_steps == 1 else 2),  # + the accumulator
+            "activations": saved + workspace,
+            "logits/loss": logits,
+            "activation peak": saved + max(workspace, logits)}
+
+
+def train_step_bytes(cfg: RunConfig, mesh) -> float:
+    """The train step's per-device peak: params + optimizer state + gradients + saved
+    activations + max(one layer's backward workspace, logits/loss)."""
+    phase = train_step_phase(cfg, mesh)
+    return phase["params"] + phase["optimizer state"] + phase["gradients"] + phase["activation peak"]
+
+
+def scoring_phase(cfg: RunConfig, mesh) -> dict[str, float]:
+    """Per-device bytes of one opponent-scoring batch (forward only, sampler.batch_size rows)."""
+    shapes, shardings = param_shardings(cfg.model, mesh)
+    rows, length = cfg.sampler.batch_size, cfg.data.max_length
+    u = units(cfg.model, mesh, rows, length)
+    work = u.hidden + max(forward_workspace(u), logits_bytes(cfg.model, mesh, rows, length, backward=False))
+    return {"params": tree_bytes(shapes, shardings), "opponent scoring": work}
+
+
+def scoring_bytes(cfg: RunConfig, mesh) -> float:
+    phase = scoring_phase(cfg, mesh)
+    return phase["params"] + phase["opponent scoring"]
+
+
+def generation_phase(cfg: RunConfig, mesh) -> dict[str, float]:
+    """Per-device bytes of generation: decode weights, KV cache, prefill workspace."""
+    m = cfg.model
+    shapes, shardings = param_shardings(m, mesh)
+    params = tree_bytes(shapes, shardings)
+    prompt = prompt_bucket(cfg)
+    slots = prompt - 1 + cfg.sampler.max_new_tokens
+    rows = cfg.sampler.batch_size
+    r = _split(rows, _shards(mesh, sharding.BATCH_AXES))
+    kv_heads = _split(m.num_kv_heads, mesh.shape["tensor"])
+    a = np.dtype(m.dtype).itemsize
+    cache = 2 * m.num_layers * r * slots * kv_heads * m.head_dim * a + r * slots * 4
+    prefill = forward_workspace(units(m, mesh, rows, prompt, keys=slots))
+    return {"params": params, "decode weights": params, "sampler KV cache": cache, "prefill": prefill}
+
+
+def make_plan(cfg: RunConfig, devices: int, hbm_gib: float) -> Plan:
+    sizes, notes = mesh_sizes(cfg, devices)
+    mesh = abstract_mesh(sizes)
+    batch_shards = sizes["data"] * sizes["fsdp"]
+    for key, value in (("train.batch_size / train.grad_accum_steps", cfg.train.batch_size // cfg.train.grad_accum_steps),
+                       ("sampler.batch_size", cfg.sampler.batch_size)):
+        if value % batch_shards:
+            notes.append(f"{key} = {value} is not divisible by data x fsdp = {batch_shards}: "
+                         "spacejax train refuses it (counted here as replicated rows)")
+    notes += [f"{d}: replicated" for d in replicated_dims(cfg.model, mesh)]
+
+    t = train_step_phase(cfg, mesh)
+    g = generation_phase(cfg, mesh)
+    s = scoring_phase(cfg, mesh)
+    rows, length = train_rows(cfg), cfg.data.max_length
+    slots = prompt_bucket(cfg) - 1 + cfg.sampler.max_new_tokens
+    per_device = lambda n: f"{_split(n, batch_shards):g}"  # noqa: E731
+    consumers = (
+        Consumer("params", t["params"], "all", f"{cfg.model.param_dtype}, resident in every phase"),
+        Consumer("optimizer state", t["optimizer state"], "train", f"{cfg.train.optimizer}, sharded like params"),
+        Consumer("gradients", t["gradients"], "train", cfg.model.param_dtype),
+        Consumer("activations", t["activations"], "train",
+                 f"remat {cfg.model.remat}: {cfg.model.num_layers} layers' saved + 1 layer's backward, "
+                 f"{rows} rows x {length} ({per_device(rows)} per device)"),
+        Consumer("logits/loss", t["logits/loss"], "train", f"[{rows}, {length}, {cfg.model.vocab_size}] float32 + grad"),
+        Consumer("opponent scoring", s["opponent scoring"], "scoring",
+                 f"forward only, {cfg.sampler.batch_size} rows x {length} ({per_device(cfg.sampler.batch_size)} per device)"),
+        Consumer("sampler decode weights", g["decode weights"], "generation", "sampler.step_params copy"),
+        Consumer("sampler KV cache", g["sampler KV cache"], "generation",
+                 f"{cfg.sampler.batch_size} rows x {slots} slots, {cfg.model.dtype}"),
+        Consumer("sampler prefill", g["prefill"], "generation", f"one layer's forward over {prompt_bucket(cfg)} prompt tokens"),
+    )
+    phases = {
+        "train": train_step_bytes(cfg, mesh),
+        "generation": sum(g.values()),
+        "scoring": s["params"] + s["opponent scoring"],
+    }
+    return Plan(devices=devices, hbm_bytes=hbm_gib * GIB, mesh=sizes, consumers=consumers, phases=phases,
+                notes=tuple(notes))
+
+
+def format_plan(plan: Plan) -> str:
+    gib = lambda x: f"{x / GIB:8.2f} GiB"  # noqa: E731
+    mesh = " x ".join(f"{a} {n}" for a, n in plan.mesh.items())
+    lines = [f"mesh: {mesh} ({plan.devices} devices), HBM {plan.hbm_bytes / GIB:g} GiB per device", "",
+             f"{'consumer':<24}{'per device':>12}  {'phase':<11} note"]
+    lines += [f"{c.name:<24}{gib(c.bytes)}  {c.phase:<11} {c.note}" for c in plan.consumers]
+    lines += ["", "phase peaks (params + what the phase adds; phases never overlap):"]
+    lines += [f"  {name:<22}{gib(value)}" for name, value in plan.phases.items()]
+    lines += [f"{'total (peak)':<24}{gib(plan.peak)}  {plan.peak_phase}",
+              f"{'HBM':<24}{gib(plan.hbm_bytes)}"]
+    lines += [f"note: {n}" for n in plan.notes]
+    if plan.fits:
+        lines.append(f"verdict: FITS ({(plan.hbm_bytes - plan.peak) / GIB:.2f} GiB free at the {plan.peak_phase} peak)")
+    else:
+        lines.append(f"verdict: DOES NOT FIT: the {plan.peak_phase} peak needs {plan.peak / GIB:.2f} GiB of "
+                     f"{plan.hbm_bytes / GIB:g} GiB; largest consumer: {plan.largest.name} "
+                     f"({plan.largest.bytes / GIB:.2f} GiB)")
+    return "\n".join(lines)

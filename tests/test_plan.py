@@ -1,0 +1,154 @@
+"""The memory planner: the CLI table and verdicts for the 7B recipe, and its estimates against
+XLA's own buffer assignment of the real jitted train and scoring steps on the 8 CPU devices."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from spacejax import cli, config, model, plan, sharding, train
+from spacejax.config import DataConfig, MeshConfig, ModelConfig, RunConfig, SamplerConfig, TrainConfig
+
+ZEPHYR = "configs/zephyr7b_space.yaml"
+CONSUMERS = ("params", "optimizer state", "gradients", "activations", "logits/loss", "opponent scoring",
+             "sampler KV cache", "total (peak)", "HBM")
+
+# Small enough to compile in seconds, large enough that activations dominate the step.
+SMALL = RunConfig(
+    model=ModelConfig(vocab_size=1024, hidden_size=128, intermediate_size=344, num_layers=4, num_heads=4,
+                      num_kv_heads=2, head_dim=32),
+    data=DataConfig(max_length=128, max_prompt_length=64),
+    sampler=SamplerConfig(num_samples=1, batch_size=16),
+    train=TrainConfig(optimizer="rmsprop", batch_size=16),
+    mesh=MeshConfig(data=8, fsdp=1, tensor=1))
+
+
+def run_plan(capsys, *args):
+    code = cli.main(["plan", "--config", ZEPHYR, *args])
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+# ----------------------------------------------------------------------------------- the CLI
+
+
+def test_zephyr_fits_v5p_128(capsys):
+    """64 v5p chips x 95 GiB: float32 params + RMSprop state + grads are 12 bytes x 7.24B = 87 GB,
+    1/8 of it per chip (fsdp 8), ~10 GiB; activations of 2 rows per chip are small."""
+    code, out = run_plan(capsys, "--devices", "64", "--hbm-gib", "95")
+    assert code == 0, out
+    for name in CONSUMERS:
+        assert name in out
+    assert "data 8 x fsdp 8 x tensor 1" in out
+    assert "verdict: FITS" in out
+
+
+def test_zephyr_on_v4_32(capsys):
+    """v4-32: 16 chips x 32 GiB (data 2 x fsdp 8); 8 rows per chip of 1024 tokens, remat full."""
+    cfg = config.load(ZEPHYR)
+    estimate = plan.make_plan(cfg, 16, 32)
+    state = 12 * 7.24e9 / 8  # float32 params + RMSprop nu + grads, over fsdp 8
+    resident = sum(estimate.consumer(n).bytes for n in ("params", "optimizer state", "gradients"))
+    assert resident == pytest.approx(state, rel=0.01)
+    assert 18 * plan.GIB < estimate.peak < 23 * plan.GIB  # ~10 GiB of state + ~10 GiB of activations
+    code, out = run_plan(capsys, "--devices", "16", "--hbm-gib", "32")
+    assert code == 0, out
+    assert "data 2 x fsdp 8 x tensor 1" in out
+    assert "verdict: FITS" in out
+
+
+def test_zephyr_does_not_fit_8_x_16_gib(capsys):
+    code, out = run_plan(capsys, "--devices", "8", "--hbm-gib", "16")
+    assert code == 1
+    assert "verdict: DOES NOT FIT" in out and "largest consumer: activations" in out
+
+
+def test_overrides_and_divisibility_notes(capsys):
+    code, out = run_plan(capsys, "mesh.tensor=3", "mesh.fsdp=1", "--devices", "48", "--hbm-gib", "95")
+    assert code == 0, out
+    for dim in ("heads (32)", "kv_heads (8)", "mlp (14336)", "vocab (32000)"):
+        assert f"{dim} is not divisible by tensor = 3" in out
+    code, out = run_plan(capsys, "--devices", "12", "--hbm-gib", "95")  # fsdp 8 does not divide 12
+    assert code == 2 and "not divisible" in out
+
+
+# ----------------------------------------------------------------------------------- vs XLA
+
+
+def measured_bytes(compiled) -> int:
+    """Per-device bytes XLA assigned: arguments + outputs + temporaries - donated aliases."""
+    m = compiled.memory_analysis()
+    return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+
+
+def compile_train_step(cfg: RunConfig, mesh):
+    """The jitted step of selfplay.Run.steps, with the state sharded as the planner assumes."""
+    schedule = train.learning_rate_schedule(cfg.train, 100)
+    optimizer = train.make_optimizer(cfg.train, schedule)
+    state, state_shardings = plan.state_shardings(cfg, mesh)
+    state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state, state_shardings)
+    b, k, length = cfg.train.batch_size, cfg.sampler.num_samples, cfg.data.max_length
+
+    def rows(*shape, dtype=jnp.int32):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
+
+    batch = {f"real_{n}": rows(b, length) for n in ("tokens", "loss_mask", "attention_mask")}
+    batch.update({f"generated_{n}": rows(b, k, length) for n in ("tokens", "loss_mask", "attention_mask")})
+    batch.update(opponent_real_logps=rows(b, dtype=jnp.float32), opponent_generated_logps=rows(b, k, dtype=jnp.float32))
+    step = train.make_train_step(train.pair_objective(cfg.model, cfg.loss), optimizer, schedule,
+                                 cfg.train.grad_accum_steps)
+    with jax.set_mesh(mesh):  # as selfplay.Run runs it: activations split over the batch axes
+        return jax.jit(step, donate_argnums=0).lower(state, batch).compile()
+
+
+def compile_score(cfg: RunConfig, mesh):
+    shapes, shardings = plan.param_shardings(cfg.model, mesh)
+    params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    rows = jax.ShapeDtypeStruct((cfg.sampler.batch_size, cfg.data.max_length), jnp.int32,
+                                sharding=sharding.batch_sharding(mesh, 2))
+    score = train.make_score_fn(cfg.model, out_shardings=sharding.replicated(mesh))
+    with jax.set_mesh(mesh):  # as selfplay.Run runs it: activations split over the batch axes
+        return score.lower(params, rows, rows, rows).compile()
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_train_step_estimate_within_25_percent_of_xla(remat):
+    cfg = dataclasses.replace(SMALL, model=dataclasses.replace(SMALL.model, remat=remat))
+    mesh = sharding.make_mesh(cfg.mesh)
+    estimate = plan.train_step_bytes(cfg, mesh)
+    measured = measured_bytes(compile_train_step(cfg, mesh))
+    phase = plan.train_step_phase(cfg, mesh)
+    assert phase["activations"] > phase["params"] + phase["optimizer state"] + phase["gradients"]  # a real test
+    assert 0.75 < estimate / measured < 1.25, (estimate, measured)
+
+
+def test_scoring_estimate_within_25_percent_of_xla():
+    mesh = sharding.make_mesh(SMALL.mesh)
+    estimate = plan.scoring_bytes(SMALL, mesh)
+    measured = measured_bytes(compile_score(SMALL, mesh))
+    assert 0.75 < estimate / measured < 1.25, (estimate, measured)
+
+
+def test_shard_shapes_follow_the_rules():
+    """Per-device parameter bytes over an abstract mesh equal those of the real 8-device mesh."""
+    cfg = dataclasses.replace(SMALL, mesh=MeshConfig(data=2, fsdp=4, tensor=1))
+    real = sharding.make_mesh(cfg.mesh)
+    abstract = plan.abstract_mesh(plan.mesh_sizes(cfg, 8)[0])
+    for mesh in (real, abstract):
+        shapes, shardings = plan.param_shardings(cfg.model, mesh)
+        assert plan.tree_bytes(shapes, shardings) < 4 * model.num_params(shapes) / 3  # split over fsdp 4
+    assert plan.tree_bytes(*plan.param_shardings(cfg.model, real)) == plan.tree_bytes(
+        *plan.param_shardings(cfg.model, abstract))
+
+
+@pytest.mark.parametrize("data, fsdp", [(2, 4), (1, 8)])
+def test_estimates_with_fsdp_within_25_percent_of_xla(data, fsdp):
+    cfg = dataclasses.replace(SMALL, mesh=MeshConfig(data=data, fsdp=fsdp, tensor=1))
+    mesh = sharding.make_mesh(cfg.mesh)
+    estimate = plan.scoring_bytes(cfg, mesh)
+    measured = measured_bytes(compile_score(cfg, mesh))
+    assert 0.75 < estimate / measured < 1.25, (estimate, measured)
+    estimate = plan.train_step_bytes(cfg, mesh)
+    measured = measured_bytes(compile_train_step(cfg, mesh))
+    assert 0.75 < estimate / measured < 1.25, (estimate, measured)
