@@ -7,15 +7,21 @@ How a call runs. Every (prompt, sample) pair is a row. Rows are sorted by prompt
 into batches of `batch_size` rows, each left-padded to a length bucket (powers of two from 16,
 or `buckets`), so a whole run compiles one prefill and one decode per bucket. A batch runs as
 
-    prefill  the prompt minus its last token goes through the model into a fresh KV cache
-             ([layers, B, P - 1 + T, K, D]); its logits are never used, so XLA drops the
-             vocabulary projection of the prompt.
+    prefill  `model.apply` runs the prompt minus its last token into a fresh KV cache of
+             S = P - 1 + T slots; its logits are never used, so XLA drops the vocabulary
+             projection of the prompt.
     decode   a `lax.while_loop` over donated state: each step feeds one token per row (first the
              prompt's last token) at the row's own position, picks the next token with the
              strategy, and writes it. It stops when every row has produced an end id or after
              `max_new_tokens` steps; nothing comes back to the host until it ends.
 
 While one batch decodes, the host prepares the next (JAX dispatches asynchronously).
+
+The one-token step (`step_forward`) is the model's math for L = 1 on weights re-laid out once per
+call (`step_params`: one extra copy of the weights while generating): layers unstacked, since a
+scan over stacked layers copies each layer's weights out at every step; q/k/v and gate/up fused;
+kernels [out, in]; and per-layer caches [B, K, S, D], which both attention products read without
+a transpose. It equals `model.apply` with a cache to float32 rounding (tests/test_sampler.py).
 
 Randomness. Row (prompt index i, sample j) draws step t's token with
 `fold_in(fold_in(fold_in(key(seed), i), j), t)`, so its sample depends neither on the batch size
@@ -65,10 +71,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from spacejax import model, sharding
-from spacejax.config import ModelConfig
+from spacejax.config import BATCH_AXES, ModelConfig
 
 MIN_BUCKET = 16
-BATCH_AXES = ("data", "fsdp")
 HEADS_AXIS = "tensor"
 
 
@@ -99,8 +104,12 @@ def _draw(logits: jax.Array, rng: jax.Array) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class Greedy:
     def next_token(self, logits: jax.Array, rng: jax.Array) -> jax.Array:
+        """The first index of the largest logit, as `argmax`, in two plain reductions (XLA:CPU's
+        arg-max reduction is several times slower)."""
         del rng
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        largest = jnp.max(logits, axis=-1, keepdims=True)
+        index = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+        return jnp.min(jnp.where(logits == largest, index, logits.shape[-1]), axis=-1).astype(jnp.int32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,9 +162,6 @@ class Sampling:
         if self.top_p is not None and self.top_p < 1:
             logits = top_p_filter(logits, self.top_p)
         return _draw(logits / self.temperature, rng)
-
-
-# ----------------------------------------------------------------------------------- device side
 
 
 # ----------------------------------------------------------------------------------- one-token steps
@@ -213,7 +219,8 @@ def _rms_norm(cfg: ModelConfig, x: jax.Array, scale: jax.Array) -> jax.Array:
 def step_forward(cfg: ModelConfig, weights: dict, tokens: jax.Array, positions: jax.Array,
                  cache_keys: tuple, cache_values: tuple, key_positions: jax.Array, index: jax.Array):
     """One token per row through the model: the math of `model.apply` for L = 1, on `step_params`
-    and per-layer caches. tokens, positions [B]; cache_keys, cache_values: one [B, S, K, D] per layer;
+    and per-layer caches. tokens, positions [B]; cache_keys, cache_values: one [B, K, S, D] per layer
+    (heads before slots: the layout both attention products read without a transpose);
     key_positions [B, S]; index: the slot to write. Returns (logits [B, V] float32, cache_keys,
     cache_values, key_positions)."""
     batch, dtype = tokens.shape[0], cfg.dtype
@@ -230,14 +237,15 @@ def step_forward(cfg: ModelConfig, weights: dict, tokens: jax.Array, positions: 
         q, k, v = jnp.split(qkv, [heads * head_dim, (heads + kv_heads) * head_dim], axis=1)
         q = model.apply_rope(q.reshape(batch, 1, heads, head_dim), cos, sin)
         k = model.apply_rope(k.reshape(batch, 1, kv_heads, head_dim), cos, sin)
-        keys = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), (0, index, 0, 0))
+        keys = jax.lax.dynamic_update_slice(
+            keys, k.reshape(batch, kv_heads, 1, head_dim).astype(keys.dtype), (0, 0, index, 0))
         values = jax.lax.dynamic_update_slice(
-            values, v.reshape(batch, 1, kv_heads, head_dim).astype(values.dtype), (0, index, 0, 0))
+            values, v.reshape(batch, kv_heads, 1, head_dim).astype(values.dtype), (0, 0, index, 0))
         q = q.reshape(batch, kv_heads, heads // kv_heads, head_dim)
-        scores = jnp.einsum("bkgd,bskd->bkgs", q, keys, preferred_element_type=jnp.float32)
+        scores = jnp.einsum("bkgd,bksd->bkgs", q, keys, preferred_element_type=jnp.float32)
         scores = jnp.where(mask, scores / math.sqrt(head_dim), model.MASKED_SCORE)
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        attended = jnp.einsum("bkgs,bskd->bkgd", probs, values).reshape(batch, heads * head_dim)
+        attended = jnp.einsum("bkgs,bksd->bkgd", probs, values).reshape(batch, heads * head_dim)
         out = _dense(attended, layer["o"], dtype)
         if "o_bias" in layer:
             out = out + layer["o_bias"].astype(dtype)
@@ -261,8 +269,8 @@ class DecodeState:
     step: jax.Array  # [] int32, steps taken; the next cache slot is S - T + step
     last_tokens: jax.Array  # [B] int32, the token fed at the next step
     positions: jax.Array  # [B] int32, its position
-    cache_keys: tuple  # one [B, S, K, D] per layer
-    cache_values: tuple  # one [B, S, K, D] per layer
+    cache_keys: tuple  # one [B, K, S, D] per layer
+    cache_values: tuple  # one [B, K, S, D] per layer
     key_positions: jax.Array  # [B, S] int32, -1 for empty slots and padding
     rngs: jax.Array  # [B] PRNG keys of the rows
     done: jax.Array  # [B] bool, produced an end id (or is a padding row)
@@ -285,8 +293,8 @@ def _constrain(state: DecodeState, cfg: ModelConfig, mesh: Optional[Mesh]) -> De
     heads = HEADS_AXIS if tensor > 1 and cfg.num_kv_heads % tensor == 0 else None
 
     def spec(path, leaf):
-        if jax.tree_util.keystr(path).startswith((".cache_keys", ".cache_values")):  # [B, S, K, D]
-            return _batch_spec(mesh, None, heads, None)
+        if jax.tree_util.keystr(path).startswith((".cache_keys", ".cache_values")):  # [B, K, S, D]
+            return _batch_spec(mesh, heads, None, None)
         return PartitionSpec() if leaf.ndim == 0 else _batch_spec(mesh, *([None] * (leaf.ndim - 1)))
 
     specs = jax.tree_util.tree_map_with_path(spec, state)
@@ -311,8 +319,8 @@ def prefill(cfg: ModelConfig, params: dict, prompt_tokens: jax.Array, prompt_mas
         step=jnp.zeros((), jnp.int32),
         last_tokens=prompt_tokens[:, -1].astype(jnp.int32),
         positions=jnp.sum(prompt_mask, axis=1, dtype=jnp.int32) - 1,
-        cache_keys=tuple(cache.keys[i] for i in range(cfg.num_layers)),
-        cache_values=tuple(cache.values[i] for i in range(cfg.num_layers)),
+        cache_keys=tuple(cache.keys[i].transpose(0, 2, 1, 3) for i in range(cfg.num_layers)),
+        cache_values=tuple(cache.values[i].transpose(0, 2, 1, 3) for i in range(cfg.num_layers)),
         key_positions=cache.key_positions,
         rngs=jax.vmap(row_key)(prompt_indices, sample_indices),
         done=~active,

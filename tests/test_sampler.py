@@ -72,10 +72,9 @@ def test_greedy_equals_transformers_token_for_token(family):
     assert stopped.lengths[2] <= 5 and stopped.finished[2]
 
 
+@pytest.mark.parametrize("family", ["mistral_window"], indirect=True)  # the window makes it the hardest
 def test_mixed_length_batch_equals_each_prompt_alone(family):
-    name, _, cfg, params = family
-    if name != "mistral_window":
-        pytest.skip("one family is enough; Mistral's window makes it the hardest")
+    _, _, cfg, params = family
     prompts = random_prompts(cfg.vocab_size, PROMPT_LENGTHS)
     together = sampler.generate(cfg, params, prompts, 0, max_new_tokens=MAX_NEW, end_ids=(),
                                 buckets=ONE_BUCKET, progress=False)
@@ -85,10 +84,9 @@ def test_mixed_length_batch_equals_each_prompt_alone(family):
         np.testing.assert_array_equal(alone.tokens[0], together.tokens[i])
 
 
+@pytest.mark.parametrize("family", ["mistral_window"], indirect=True)  # the window makes it the hardest
 def test_logits_of_every_decode_step_equal_a_full_forward(family):
-    name, _, cfg, params = family
-    if name != "mistral_window":
-        pytest.skip("one family is enough; Mistral's window makes it the hardest")
+    _, _, cfg, params = family
     prompts = random_prompts(cfg.vocab_size, PROMPT_LENGTHS, seed=1)
     out = sampler.generate(cfg, params, prompts, 3, sampler.Sampling(temperature=1.0), max_new_tokens=MAX_NEW,
                            end_ids=(), buckets=ONE_BUCKET, return_logits=True, return_logprobs=True,
@@ -108,6 +106,35 @@ def test_logits_of_every_decode_step_equal_a_full_forward(family):
         assert np.abs(out.logits[row] - expected).max() <= 1e-5
         logprobs = jax.nn.log_softmax(expected)[np.arange(MAX_NEW), out.tokens[row]]
         assert np.abs(out.logprobs[row] - logprobs).max() <= 1e-5
+
+
+@pytest.mark.parametrize("streaming_rows", [0, 1000], ids=["einsum", "multiply-reduce"])
+@pytest.mark.parametrize("variant, extra, switches", [("qwen2_bias", {}, (True, False, False)),
+                                                     ("llama_tied", dict(attention_bias=True), (True, True, True))])
+def test_both_forms_of_the_one_token_step_equal_model_apply(variant, extra, switches, monkeypatch, streaming_rows,
+                                                            tmp_path):
+    """`step_forward` (both matmul forms; q/k/v bias, o bias, tied embeddings) against `model.apply`."""
+    save(variant, tmp_path, **extra)
+    cfg, params = hf.load(tmp_path)
+    assert (cfg.qkv_bias, cfg.out_bias, cfg.tie_word_embeddings) == switches
+    monkeypatch.setattr(sampler, "SMALL_BATCH", streaming_rows)  # read when tracing; jitted afresh below
+    tokens, mask = np.array([[0, 0, 5, 9, 7], [4, 8, 6, 3, 11]]), np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    cache = model.init_cache(cfg, 2, 8)
+    _, cache = model.apply(cfg, params, tokens, cache=cache, attention_mask=mask)
+    new_tokens, positions = np.array([13, 17]), np.array([3, 5])
+    expected, expected_cache = model.apply(cfg, params, new_tokens[:, None], positions[:, None], cache)
+    layers = range(cfg.num_layers)
+    step = lambda *args: sampler.step_forward(cfg, *args)  # a new function: traced with the patch
+    per_layer = lambda stacked: tuple(stacked[i].transpose(0, 2, 1, 3) for i in layers)  # [B, K, S, D]
+    args = (sampler.step_params(cfg, params), new_tokens, positions, per_layer(cache.keys),
+            per_layer(cache.values), cache.key_positions, cache.index)
+    matmuls = str(jax.make_jaxpr(step)(*args)).count("dot_general")
+    assert matmuls == 2 * cfg.num_layers + (0 if streaming_rows else 4 * cfg.num_layers + 1)  # + attention's
+    logits, keys, values, key_positions = jax.jit(step)(*args)
+    assert np.abs(logits - expected[:, 0]).max() <= 1e-5
+    np.testing.assert_allclose(np.stack(keys), expected_cache.keys.transpose(0, 1, 3, 2, 4), atol=1e-5)
+    np.testing.assert_allclose(np.stack(values), expected_cache.values.transpose(0, 1, 3, 2, 4), atol=1e-5)
+    np.testing.assert_array_equal(key_positions, expected_cache.key_positions)
 
 
 # ----------------------------------------------------------------------------------- strategies
@@ -291,7 +318,7 @@ def test_decode_loop_exits_when_every_row_has_ended(tiny):
                             np.zeros(4, np.int32), np.ones(4, bool), np.int32(0), max_new_tokens=MAX_NEW,
                             keep_logprobs=True)
     all_ids = jnp.arange(cfg.vocab_size, dtype=jnp.int32)  # every token ends a row
-    state = sampler.decode(cfg, params, state, all_ids, np.int32(0), strategy=SAMPLING)
+    state = sampler.decode(cfg, sampler.step_params(cfg, params), state, all_ids, np.int32(0), strategy=SAMPLING)
     assert int(state.step) == 1 and (np.asarray(state.lengths) == 1).all()
 
 
@@ -311,8 +338,8 @@ def test_sharded_generation_equals_unsharded(tiny):
                             batch(np.arange(4, dtype=np.int32)), batch(np.zeros(4, np.int32)),
                             batch(np.ones(4, bool)), np.int32(0), max_new_tokens=MAX_NEW, keep_logprobs=True,
                             mesh=mesh)
-    cache_layout = PartitionSpec(None, ("data", "fsdp"), None, "tensor", None)
-    assert state.cache.keys.sharding.is_equivalent_to(NamedSharding(mesh, cache_layout), 5)
+    cache_layout = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), "tensor", None, None))
+    assert all(keys.sharding.is_equivalent_to(cache_layout, 4) for keys in state.cache_keys + state.cache_values)
     assert state.tokens.sharding.is_equivalent_to(NamedSharding(mesh, PartitionSpec(("data", "fsdp"))), 2)
     with pytest.raises(ValueError, match="multiple of"):
         sample_tiny(tiny, prompts, batch_size=6, mesh=mesh)
