@@ -10,7 +10,7 @@ from pathlib import Path
 import transformers
 from absl import logging as absl_logging
 
-from spacejax import checkpoint, config, hf, plan, sampler, selfplay, sharding
+from spacejax import bench, checkpoint, config, hf, plan, sampler, selfplay, sharding
 
 
 def convert(args: argparse.Namespace) -> None:
@@ -79,6 +79,20 @@ def plan_memory(args: argparse.Namespace) -> int:
     return 0 if estimate.fits else 1
 
 
+def bench_stability(args: argparse.Namespace) -> None:
+    """SPIN, SPACE and SFT from a shared theta_0 over seeds: curves.json/csv, plots, summary.md."""
+    methods = [m for group in args.methods for m in group.split(",") if m] if args.methods else bench.DEFAULT_METHODS
+    bench.stability(args.config, args.out, seeds=args.seeds, methods=methods, overrides=args.overrides,
+                    first_seed=args.first_seed)
+    print(f"wrote {args.out}/curves.json, curves.csv, kl.png, steps.png, summary.md")
+
+
+def plot_runs(args: argparse.Namespace) -> None:
+    """The stability plots (and curves, summary) of any run directories."""
+    written = bench.plot_workdirs(args.workdirs, args.out)
+    print(f"wrote {', '.join(str(p) for p in written)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spacejax", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -131,6 +145,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", type=int, required=True, help="number of devices (chips)")
     p.add_argument("--hbm-gib", type=float, required=True, help="memory per device, GiB (v5p 95, v4 32)")
     p.set_defaults(run=plan_memory)
+    p = commands.add_parser("bench", help="benchmarks: `bench stability` (loss stability curves over seeds)")
+    benchmarks = p.add_subparsers(dest="benchmark", required=True)
+    p = benchmarks.add_parser("stability", help="SPIN, SPACE, SFT from one theta_0 per seed: KL and loss curves")
+    p.add_argument("--config", required=True, help="a YAML file of configs/ (configs/stability.yaml)")
+    p.add_argument("--out", required=True, help="output directory (runs in OUT/seed_S/METHOD; resumes)")
+    p.add_argument("--seeds", type=int, default=5, help="number of seeds (default 5)")
+    p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument("--methods", action="append", metavar="KIND[:KEY=VALUE]...,...",
+                   help="comma-separated methods (repeatable), e.g. spin:beta=0.1,space:mu=2,sft,dpo:beta=0.1; "
+                        "default: " + ",".join(bench.DEFAULT_METHODS))
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides for every run")
+    p.set_defaults(run=bench_stability)
+
+    p = commands.add_parser("plot", help="stability plots, curves and summary from run directories")
+    p.add_argument("workdirs", nargs="+", help="run directories holding metrics.jsonl")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(run=plot_runs)
     return parser
 
 
