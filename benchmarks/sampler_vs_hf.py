@@ -81,7 +81,8 @@ def run(batch_sizes, prompt_length: int, new_tokens: int, repeats: int) -> list[
             times["spacejax"].append(timed(spacejax_generate, cfg, params, prompts, new_tokens)[0])
         rates = {name: batch * new_tokens / min(t) for name, t in times.items()}
         result = dict(batch=batch, hf=rates["transformers"], ours=rates["spacejax"],
-                      ratio=rates["spacejax"] / rates["transformers"], agreement=agreement)
+                      ratio=rates["spacejax"] / rates["transformers"], agreement=agreement,
+                      spread={name: max(t) / min(t) for name, t in times.items()})
         print(f"batch {batch:3d}: transformers {result['hf']:7.0f} tokens/s, spacejax {result['ours']:7.0f} "
               f"tokens/s, ratio {result['ratio']:.2f}x (greedy outputs identical in {agreement:.0%} of rows; "
               f"seconds: {', '.join(f'{n} ' + ' '.join(f'{x:.2f}' for x in t) for n, t in times.items())})",
@@ -104,11 +105,13 @@ def markdown(results, command: str, prompt_length: int, new_tokens: int, repeats
         f"jax {jax.__version__}, torch {torch.__version__}, transformers {transformers.__version__}; "
         f"1-minute load average before the run {load:.2f} (others' work slows PyTorch's threads most).",
         "",
-        "| batch | transformers tokens/s | spacejax tokens/s | ratio | identical greedy rows |",
-        "|---:|---:|---:|---:|---:|",
+        "| batch | transformers tokens/s | spacejax tokens/s | ratio | identical greedy rows "
+        "| slowest / fastest run (transformers, spacejax) |",
+        "|---:|---:|---:|---:|---:|---:|",
     ]
-    lines += [f"| {r['batch']} | {r['hf']:.0f} | {r['ours']:.0f} | {r['ratio']:.2f}x | {r['agreement']:.0%} |"
-              for r in results]
+    lines += [f"| {r['batch']} | {r['hf']:.0f} | {r['ours']:.0f} | {r['ratio']:.2f}x | {r['agreement']:.0%} | "
+              f"{r['spread']['transformers']:.2f}, {r['spread']['spacejax']:.2f} |" for r in results]
+    lines += ["", "A spread well above 1.1 means other work disturbed the run: run it again on a quiet machine."]
     lines += [
         "",
         "Where the time goes (profiled on this machine, quiet): a decode step at batch 8 streams the "

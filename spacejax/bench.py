@@ -264,12 +264,17 @@ def summary(curves: dict) -> str:
         spin = [m for m in methods if m.split(":")[0] == "spin"]
         space = [m for m in methods if m.split(":")[0] == "space"]
         if spin and space:
-            best_spin = min(spin, key=best_overall.get)
-            best_space = min(space, key=best_overall.get)
-            verdict = ("SPIN is as good as or better than SPACE" if best_overall[best_spin] <= best_overall[best_space]
+            trained = {m: min(v for i, v in facts[m][0].items() if i >= 0) for m in spin + space}
+            best_spin = min(spin, key=trained.get)
+            best_space = min(space, key=trained.get)
+            verdict = ("SPIN is as good as or better than SPACE" if trained[best_spin] <= trained[best_space]
                        else "SPACE is better than SPIN")
-            lines.append(f"- best-iteration KL: {verdict} ({best_spin} {best_overall[best_spin]:.3f} vs "
-                         f"{best_space} {best_overall[best_space]:.3f}).")
+            lines.append(f"- best KL over self-play iterations (t >= 0): {verdict} ({best_spin} "
+                         f"{trained[best_spin]:.3f} vs {best_space} {trained[best_space]:.3f}).")
+            start = [facts[m][0][-1] for m in methods if -1 in facts[m][0]]
+            worse = [m for m in methods if start and min(v for i, v in facts[m][0].items() if i >= 0) >= start[0]]
+            if worse:
+                lines.append(f"- no self-play iteration improves on theta_0 ({start[0]:.3f}) for: {', '.join(worse)}.")
             for m in spin + space:
                 rises = [i for i in iterations[1:] if i in facts[m][0] and i - 1 in facts[m][0]
                          and facts[m][0][i] > facts[m][0][i - 1]]
@@ -307,9 +312,12 @@ def plot(curves: dict, out) -> list[Path]:
         ax.plot(its, mean, styles[method], marker="o", color=colors[method], label=method)
         ax.fill_between(its, [v.min() for v in values], [v.max() for v in values], color=colors[method], alpha=0.12)
     ax.set_xlabel("iteration (-1 = theta_0 after SFT; t = player after self-play iteration t)")
-    ax.set_ylabel("KL(p_data || p_theta) (nats)")
+    ax.set_ylabel("KL(p_data || p_theta) (nats, log scale)")
     ax.set_title(f"KL to p_data per iteration: mean over {len(seeds)} seed(s), band = min-max")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_yscale("log")  # a diverging method (SPIN at small beta) would otherwise flatten the rest
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
@@ -322,6 +330,8 @@ def plot(curves: dict, out) -> list[Path]:
     boundaries = set()
     for (key, label), ax in zip(STEP_PLOTS, axes.flat):
         for method in methods:
+            if key == "loss" and method.split(":")[0] == "sft":
+                continue  # its loss is -logps/real (~10 nats): it would flatten the self-play losses
             by_step: dict = {}
             for r in steps:
                 if r["method"] == method and key in r:
@@ -338,14 +348,20 @@ def plot(curves: dict, out) -> list[Path]:
                 ax.fill_between(x, [v.min() for v in values], [v.max() for v in values], color=colors[method],
                                 alpha=0.1)
         ax.set_ylabel(label)
-        ax.set_title(f"{key} per step (mean over seeds, band = min-max)", fontsize=10)
+        ax.set_title(f"{key} per step (mean over seeds, band = min-max)"
+                     + (" ; sft's is -logps/real" if key == "loss" and any(m.startswith("sft") for m in methods) else ""),
+                     fontsize=10)
         ax.grid(alpha=0.3)
     for ax in axes.flat:
         for b in sorted(boundaries):
             ax.axvline(b + 0.5, color="black", lw=0.8, alpha=0.6)
     for ax in axes[-1]:
         ax.set_xlabel("optimizer step, counted across iterations (vertical lines: iteration boundaries)")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
+    legend = {}
+    for ax in axes.flat:  # every method, in order (the loss panel leaves sft out)
+        legend.update({label: handle for handle, label in zip(*ax.get_legend_handles_labels())})
+    labels = [m for m in methods if m in legend]
+    handles = [legend[m] for m in labels]
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), fontsize=8)
     fig.suptitle("Per-step stability curves within and across self-play iterations")
     fig.tight_layout(rect=(0, 0.05, 1, 0.97))

@@ -105,11 +105,12 @@ def _draw(logits: jax.Array, rng: jax.Array) -> jax.Array:
 class Greedy:
     def next_token(self, logits: jax.Array, rng: jax.Array) -> jax.Array:
         """The first index of the largest logit, as `argmax`, in two plain reductions (XLA:CPU's
-        arg-max reduction is several times slower)."""
+        arg-max reduction is several times slower). A row of NaN logits gives the last id."""
         del rng
+        vocab = logits.shape[-1]
         largest = jnp.max(logits, axis=-1, keepdims=True)
-        index = jnp.arange(logits.shape[-1], dtype=jnp.int32)
-        return jnp.min(jnp.where(logits == largest, index, logits.shape[-1]), axis=-1).astype(jnp.int32)
+        first = jnp.min(jnp.where(logits == largest, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
+        return jnp.minimum(first, vocab - 1).astype(jnp.int32)
 
 
 @dataclasses.dataclass(frozen=True)
