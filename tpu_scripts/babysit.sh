@@ -62,18 +62,8 @@ CREATE_FLAGS=() STAGES=() ENVS=() OVERRIDES=()
 normalize_args "$@"
 set -- ${NORMALIZED_ARGS[@]+"${NORMALIZED_ARGS[@]}"}
 while (($#)); do
+  if tpu_flag "$@" || create_flag "$@"; then shift "$TAKEN"; continue; fi
   case $1 in
-    -h | --help) usage; exit 0 ;;
-    --name) need_value "$@"; NAME=$2; shift 2 ;;
-    --zone) need_value "$@"; ZONE=$2; shift 2 ;;
-    --accelerator-type) need_value "$@"; ACCELERATOR_TYPE=$2; shift 2 ;;
-    --version) need_value "$@"; VERSION=$2; shift 2 ;;
-    --project) need_value "$@"; PROJECT=$2; shift 2 ;;
-    --mode) need_value "$@"; MODE=$2; shift 2 ;;
-    --spot) SPOT=1; shift ;;
-    --reserved) RESERVED=1; shift ;;
-    --queued-id) need_value "$@"; QUEUED_ID=$2; shift 2 ;;
-    --valid-until-duration) need_value "$@"; VALID_UNTIL=$2; shift 2 ;;
     --create-flag)
       if (($# < 2)) || [[ -z $2 ]]; then die "option --create-flag needs a value"; fi
       CREATE_FLAGS+=("$2"); shift 2 ;;
@@ -90,23 +80,17 @@ while (($#)); do
     --once) ONCE=1; shift ;;
     --delete-when-done) DELETE_WHEN_DONE=1; shift ;;
     --assume-state) need_value "$@"; ASSUME_STATE=$2; shift 2 ;;
-    --dry-run) DRY_RUN=1; ONCE=1; shift ;;
-    --) shift; OVERRIDES+=("$@"); break ;;
-    -*) die "unknown option $1" ;;
-    *=*) OVERRIDES+=("$1"); shift ;;
-    *) die "unexpected argument $1 (config overrides look like section.key=value)" ;;
+    *) override_arg "$@"; shift "$TAKEN" ;;
   esac
 done
+if ((DRY_RUN)); then ONCE=1; fi  # a dry run prints one cycle
 
 require --name "$NAME"
 require --zone "$ZONE"
 require --accelerator-type "$ACCELERATOR_TYPE"
 require --config "$CONFIG"
 require --workdir "$WORKDIR"
-case $MODE in
-  on-demand | spot | queued) ;;
-  *) die "--mode must be on-demand, spot or queued, got '$MODE'" ;;
-esac
+require_mode
 if ! [[ $POLL_INTERVAL =~ ^[0-9]+$ ]] || ((POLL_INTERVAL < 30 || POLL_INTERVAL > 3600)); then
   die "--poll-interval must be between 30 and 3600 seconds, got '$POLL_INTERVAL'"
 fi

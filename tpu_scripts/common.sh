@@ -95,6 +95,63 @@ normalize_args() {
   done
 }
 
+# tpu_flag "$@": take one of the flags every script has (-h/--help, --name, --zone, --project, --dry-run)
+# and put in TAKEN how many words it used; fails (status 1) when $1 is another flag, for the script's own case.
+tpu_flag() {
+  TAKEN=2
+  case $1 in
+    -h | --help) usage; exit 0 ;;
+    --name) need_value "$@"; NAME=$2 ;;
+    --zone) need_value "$@"; ZONE=$2 ;;
+    --project) need_value "$@"; PROJECT=$2 ;;
+    --dry-run) DRY_RUN=1; TAKEN=1 ;;
+    *) return 1 ;;
+  esac
+}
+
+# create_flag "$@": the flags that say which TPU to create (create.sh's; babysit.sh passes them on), TAKEN as
+# for tpu_flag; fails when $1 is another flag.
+create_flag() {
+  TAKEN=2
+  case $1 in
+    --accelerator-type) need_value "$@"; ACCELERATOR_TYPE=$2 ;;
+    --version) need_value "$@"; VERSION=$2 ;;
+    --mode) need_value "$@"; MODE=$2 ;;
+    --spot) SPOT=1; TAKEN=1 ;;
+    --reserved) RESERVED=1; TAKEN=1 ;;
+    --queued-id) need_value "$@"; QUEUED_ID=$2 ;;
+    --valid-until-duration) need_value "$@"; VALID_UNTIL=$2 ;;
+    *) return 1 ;;
+  esac
+}
+
+# require_mode: --mode is on-demand, spot or queued.
+require_mode() {
+  case $MODE in
+    on-demand | spot | queued) ;;
+    *) die "--mode must be on-demand, spot or queued, got '$MODE'" ;;
+  esac
+}
+
+# override_arg "$@": a config override (section.key=value; everything after a bare --) into OVERRIDES,
+# TAKEN = the words used; anything else left over is a usage error.
+override_arg() {
+  case $1 in
+    --) shift; OVERRIDES+=("$@"); TAKEN=$(($# + 1)) ;;
+    -*) die "unknown option $1" ;;
+    *=*) OVERRIDES+=("$1"); TAKEN=1 ;;
+    *) die "unexpected argument $1 (config overrides look like section.key=value)" ;;
+  esac
+}
+
+# require_repo_config: --config names a file of the tree setup.sh ships (or an absolute path on the workers).
+require_repo_config() {
+  require --config "$CONFIG"
+  if [[ $CONFIG != /* && ! -f $REPO_ROOT/$CONFIG ]]; then
+    die "--config $CONFIG is not a file of $REPO_ROOT (setup.sh ships that tree; give the path relative to it)"
+  fi
+}
+
 # The runtime (software) version of a TPU generation, from the accelerator type.
 default_runtime_version() {
   case $1 in

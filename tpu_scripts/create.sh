@@ -48,21 +48,10 @@ EXTRA=()
 normalize_args "$@"
 set -- ${NORMALIZED_ARGS[@]+"${NORMALIZED_ARGS[@]}"}
 while (($#)); do
+  if tpu_flag "$@" || create_flag "$@"; then shift "$TAKEN"; continue; fi
   case $1 in
-    -h | --help) usage; exit 0 ;;
-    --name) need_value "$@"; NAME=$2; shift 2 ;;
-    --zone) need_value "$@"; ZONE=$2; shift 2 ;;
-    --accelerator-type) need_value "$@"; ACCELERATOR_TYPE=$2; shift 2 ;;
-    --version) need_value "$@"; VERSION=$2; shift 2 ;;
-    --project) need_value "$@"; PROJECT=$2; shift 2 ;;
-    --mode) need_value "$@"; MODE=$2; shift 2 ;;
-    --spot) SPOT=1; shift ;;
-    --reserved) RESERVED=1; shift ;;
-    --queued-id) need_value "$@"; QUEUED_ID=$2; shift 2 ;;
-    --valid-until-duration) need_value "$@"; VALID_UNTIL=$2; shift 2 ;;
     --no-wait) WAIT=0; shift ;;
     --poll-interval) need_value "$@"; POLL_INTERVAL=$2; shift 2 ;;
-    --dry-run) DRY_RUN=1; shift ;;
     --) shift; EXTRA+=("$@"); break ;;
     *) die "unknown argument $1" ;;
   esac
@@ -75,10 +64,7 @@ if [[ -z $VERSION ]]; then
   VERSION=$(default_runtime_version "$ACCELERATOR_TYPE") ||
     die "no default --version for accelerator type $ACCELERATOR_TYPE; pass --version (see 'gcloud compute tpus tpu-vm versions list')"
 fi
-case $MODE in
-  on-demand | spot | queued) ;;
-  *) die "--mode must be on-demand, spot or queued, got '$MODE'" ;;
-esac
+require_mode
 if ((SPOT)) && [[ $MODE == on-demand ]]; then
   die "--spot needs --mode spot (a Spot VM) or --mode queued (a queued Spot request)"
 fi

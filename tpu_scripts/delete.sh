@@ -30,25 +30,18 @@ NAME='' ZONE='' PROJECT='' MODE=on-demand QUEUED_ID='' YES=0
 normalize_args "$@"
 set -- ${NORMALIZED_ARGS[@]+"${NORMALIZED_ARGS[@]}"}
 while (($#)); do
+  if tpu_flag "$@"; then shift "$TAKEN"; continue; fi
   case $1 in
-    -h | --help) usage; exit 0 ;;
-    --name) need_value "$@"; NAME=$2; shift 2 ;;
-    --zone) need_value "$@"; ZONE=$2; shift 2 ;;
-    --project) need_value "$@"; PROJECT=$2; shift 2 ;;
     --mode) need_value "$@"; MODE=$2; shift 2 ;;
     --queued-id) need_value "$@"; QUEUED_ID=$2; shift 2 ;;
     --yes | --quiet) YES=1; shift ;;
-    --dry-run) DRY_RUN=1; shift ;;
     *) die "unknown argument $1" ;;
   esac
 done
 
 require --name "$NAME"
 require --zone "$ZONE"
-case $MODE in
-  on-demand | spot | queued) ;;
-  *) die "--mode must be on-demand, spot or queued, got '$MODE'" ;;
-esac
+require_mode
 QUEUED_ID=${QUEUED_ID:-$NAME}
 set_gcloud_flags
 quiet=()

@@ -48,22 +48,15 @@ OVERRIDES=() ENVS=()
 normalize_args "$@"
 set -- ${NORMALIZED_ARGS[@]+"${NORMALIZED_ARGS[@]}"}
 while (($#)); do
+  if tpu_flag "$@"; then shift "$TAKEN"; continue; fi
   case $1 in
-    -h | --help) usage; exit 0 ;;
-    --name) need_value "$@"; NAME=$2; shift 2 ;;
-    --zone) need_value "$@"; ZONE=$2; shift 2 ;;
-    --project) need_value "$@"; PROJECT=$2; shift 2 ;;
     --config) need_value "$@"; CONFIG=$2; shift 2 ;;
     --workdir) need_value "$@"; WORKDIR=$2; shift 2 ;;
     --env) need_value "$@"; ENVS+=("$2"); shift 2 ;;
     --restart) RESTART=1; shift ;;
     --stop) STOP_ONLY=1; shift ;;
     --stop-timeout) need_value "$@"; STOP_TIMEOUT=$2; shift 2 ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    --) shift; OVERRIDES+=("$@"); break ;;
-    -*) die "unknown option $1" ;;
-    *=*) OVERRIDES+=("$1"); shift ;;
-    *) die "unexpected argument $1 (config overrides look like section.key=value)" ;;
+    *) override_arg "$@"; shift "$TAKEN" ;;
   esac
 done
 

@@ -40,26 +40,16 @@ OVERRIDES=()
 normalize_args "$@"
 set -- ${NORMALIZED_ARGS[@]+"${NORMALIZED_ARGS[@]}"}
 while (($#)); do
+  if tpu_flag "$@"; then shift "$TAKEN"; continue; fi
   case $1 in
-    -h | --help) usage; exit 0 ;;
-    --name) need_value "$@"; NAME=$2; shift 2 ;;
-    --zone) need_value "$@"; ZONE=$2; shift 2 ;;
-    --project) need_value "$@"; PROJECT=$2; shift 2 ;;
     --config) need_value "$@"; CONFIG=$2; shift 2 ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    --) shift; OVERRIDES+=("$@"); break ;;
-    -*) die "unknown option $1" ;;
-    *=*) OVERRIDES+=("$1"); shift ;;
-    *) die "unexpected argument $1 (config overrides look like section.key=value)" ;;
+    *) override_arg "$@"; shift "$TAKEN" ;;
   esac
 done
 
 require --name "$NAME"
 require --zone "$ZONE"
-require --config "$CONFIG"
-if [[ $CONFIG != /* && ! -f $REPO_ROOT/$CONFIG ]]; then
-  die "--config $CONFIG is not a file of $REPO_ROOT (setup.sh ships that tree; give the path relative to it)"
-fi
+require_repo_config
 set_gcloud_flags
 
 check=$(shell_join python tpu_scripts/preflight.py --config "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"})

@@ -43,16 +43,12 @@ STAGES=()
 normalize_args "$@"
 set -- ${NORMALIZED_ARGS[@]+"${NORMALIZED_ARGS[@]}"}
 while (($#)); do
+  if tpu_flag "$@"; then shift "$TAKEN"; continue; fi
   case $1 in
-    -h | --help) usage; exit 0 ;;
-    --name) need_value "$@"; NAME=$2; shift 2 ;;
-    --zone) need_value "$@"; ZONE=$2; shift 2 ;;
-    --project) need_value "$@"; PROJECT=$2; shift 2 ;;
     --source) need_value "$@"; SOURCE=$2; shift 2 ;;
     --tarball) need_value "$@"; TARBALL=$2; shift 2 ;;
     --python) need_value "$@"; PYTHON_VERSION=$2; shift 2 ;;
     --stage) need_value "$@"; STAGES+=("$2"); shift 2 ;;
-    --dry-run) DRY_RUN=1; shift ;;
     *) die "unknown argument $1" ;;
   esac
 done
