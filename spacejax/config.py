@@ -226,18 +226,43 @@ class MeshConfig:
             raise ConfigError(f"mesh sizes must be positive with at most one -1, got {self}")
 
 
+SCHEDULED_SECTIONS = ("loss", "train", "sampler")  # what may change from one iteration to the next
+
+
 @dataclasses.dataclass(frozen=True)
 class SelfPlayConfig:
+    """`from_iteration`: changes that take effect from a given iteration on, each "T: section.key=value"
+    (T a 0-based iteration; the value is YAML, as in a command-line override; the sections are
+    loss, train and sampler). SPIN's recipe lowers the learning rate at iteration 2 and raises beta
+    at iteration 3: ["2: train.learning_rate=1e-7", "3: loss.beta=5.0"]. `at_iteration` applies them.
+    An entry past the last iteration never takes effect (so `selfplay.iterations=2` runs the first
+    two iterations of a longer recipe); its value is still checked at load time."""
+
     iterations: int = 3
     mix_previous: bool = False  # SPIN: add the previous iteration's synthetic pairs to this one's
     sft_epochs: int = 0  # SFT warm-up on the real data producing theta_0 (0: none)
     sft_learning_rate: float = 1e-3
     eval_kl_samples: int = 2000  # known-truth task: responses drawn from p_data to estimate the KL
+    from_iteration: tuple[str, ...] = ()
 
     def __post_init__(self):
         positive("selfplay", self, "iterations", "sft_learning_rate", "eval_kl_samples")
         if self.sft_epochs < 0:
             raise ConfigError(f"selfplay.sft_epochs must be >= 0, got {self.sft_epochs}")
+        for change in self.from_iteration:
+            override = parse_scheduled(change)[1]
+            section = override.partition("=")[0].strip().split(".")[0]
+            if section not in SCHEDULED_SECTIONS:
+                raise ConfigError(f"selfplay.from_iteration entry {change!r}: only {list(SCHEDULED_SECTIONS)} may "
+                                  "change between iterations")
+
+
+def parse_scheduled(change: str) -> tuple[int, str]:
+    """"T: section.key=value" -> (T, "section.key=value")."""
+    iteration, sep, override = change.partition(":")
+    if not sep or not iteration.strip().isdigit() or "=" not in override:
+        raise ConfigError(f"selfplay.from_iteration entry {change!r} must look like 'ITERATION: section.key=value'")
+    return int(iteration), override.strip()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,6 +294,11 @@ class RunConfig:
     checkpoint: CheckpointConfig = CheckpointConfig()
 
     def __post_init__(self):
+        for change in self.selfplay.from_iteration:  # every scheduled value is checked at load time
+            try:
+                with_overrides(self, [parse_scheduled(change)[1]])
+            except ConfigError as error:
+                raise ConfigError(f"selfplay.from_iteration entry {change!r}: {error}") from None
         fixed = [s for s in (self.mesh.data, self.mesh.fsdp) if s != -1]
         if len(fixed) == 2 and (self.train.batch_size // self.train.grad_accum_steps) % (fixed[0] * fixed[1]):
             raise ConfigError(
@@ -285,11 +315,50 @@ def load(path, overrides: typing.Sequence[str] = ()) -> RunConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
     for override in overrides:
-        key, sep, text = override.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {override!r} must look like section.key=value")
-        _set_dotted(data, key.strip(), _parse_yaml(text, f"override {key.strip()}"))
+        _apply_override(data, override)
+    _from_iteration_as_strings(data)
     return from_dict(RunConfig, data)
+
+
+def _from_iteration_as_strings(data: dict) -> None:
+    """YAML reads a from_iteration entry `- 2: train.learning_rate=1e-7` as the mapping
+    {2: "train.learning_rate=1e-7"}: make it the string "2: train.learning_rate=1e-7"."""
+    section = data.get("selfplay")
+    if isinstance(section, dict) and isinstance(section.get("from_iteration"), list):
+        section["from_iteration"] = [_as_string(entry) for entry in section["from_iteration"]]
+
+
+def _as_string(entry):
+    if isinstance(entry, dict) and len(entry) == 1:
+        ((iteration, override),) = entry.items()
+        return f"{iteration}: {override}"
+    return entry
+
+
+def at_iteration(config: RunConfig, iteration: int) -> RunConfig:
+    """The config that self-play iteration `iteration` runs with: `config` with every
+    `selfplay.from_iteration` change of an iteration <= `iteration` applied, in the order listed (and
+    `from_iteration` emptied). Iteration -1 (the SFT warm-up) and a run without changes get `config`'s
+    values."""
+    changes = [override for t, override in map(parse_scheduled, config.selfplay.from_iteration) if t <= iteration]
+    return with_overrides(config, changes) if changes else config
+
+
+def with_overrides(config: RunConfig, overrides: typing.Sequence[str]) -> RunConfig:
+    """`config` with "section.key=value" overrides applied and `selfplay.from_iteration` emptied."""
+    data = to_dict(config)
+    data["selfplay"]["from_iteration"] = []
+    for override in overrides:
+        _apply_override(data, override)
+    return from_dict(RunConfig, data)
+
+
+def _apply_override(data: dict, override: str) -> None:
+    """Set the dotted key of "section.key=value" in plain config data (the value parsed as YAML)."""
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} must look like section.key=value")
+    _set_dotted(data, key.strip(), _parse_yaml(text, f"override {key.strip()}"))
 
 
 def _parse_yaml(text: str, where: str):

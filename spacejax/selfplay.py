@@ -27,7 +27,7 @@ from typing import Optional
 import jax
 import numpy as np
 
-from spacejax import checkpoint, data, hf, losses, metrics, model, sampler, sharding, toy, train
+from spacejax import checkpoint, config, data, hf, losses, metrics, model, sampler, sharding, toy, train
 from spacejax.config import ConfigError, RunConfig, dump
 from spacejax.pairs import Pairs
 
@@ -146,21 +146,25 @@ class Run:
     """One run in a workdir; `run()` drives it."""
 
     def __init__(self, cfg: RunConfig, workdir):
-        check(cfg)
-        self.cfg = cfg
         self.mesh = sharding.make_mesh(cfg.mesh)
         divisor = sharding.batch_size_divisor(self.mesh)
-        for key, rows in (("train.batch_size / train.grad_accum_steps", cfg.train.batch_size // cfg.train.grad_accum_steps),
-                          ("sampler.batch_size", cfg.sampler.batch_size), ("data.num_eval", cfg.data.num_eval)):
-            if rows % divisor:
-                raise ConfigError(f"{key} = {rows} must be divisible by the {divisor} devices of mesh axes "
-                                  "data x fsdp")
+        for iteration in range(-1, cfg.selfplay.iterations):
+            scheduled = config.at_iteration(cfg, iteration)
+            check(scheduled)
+            for key, rows in (("train.batch_size / train.grad_accum_steps",
+                               scheduled.train.batch_size // scheduled.train.grad_accum_steps),
+                              ("sampler.batch_size", scheduled.sampler.batch_size), ("data.num_eval", cfg.data.num_eval)):
+                if rows % divisor:
+                    raise ConfigError(f"{key} = {rows}{f' (iteration {iteration})' if iteration >= 0 else ''} must "
+                                      f"be divisible by the {divisor} devices of mesh axes data x fsdp")
+        self.run_cfg = cfg
+        self.cfg = cfg  # the current phase's config: run_cfg with selfplay.from_iteration applied (_run)
         self.task = load_task(cfg)
         self.workdir = Path(workdir).absolute()
         prepare_workdir(cfg, self.workdir)
         self.writer = metrics.MetricsWriter(self.workdir, tensorboard=cfg.tensorboard)
         self.preempted = False
-        self.compiled: dict = {}  # (phase kind, learning rate, total steps) -> jitted functions
+        self.compiled: dict = {}  # (phase kind, schedule, train and loss config) -> jitted functions
 
     def run(self) -> dict:
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -183,6 +187,7 @@ class Run:
         evaluation = {}
         previous_pairs = None
         for iteration in range(cfg.selfplay.iterations):
+            self.cfg = config.at_iteration(self.run_cfg, iteration)  # this iteration's lr, beta, ... (selfplay.from_iteration)
             phase_dir = checkpoint.iteration_dir(self.workdir, iteration)
             if checkpoint.is_done(phase_dir):
                 params = self.load_final(phase_dir)
@@ -193,7 +198,7 @@ class Run:
             pairs = self.samples(iteration, params, previous_pairs)
             train_pairs, eval_pairs = pairs.select(pairs.split == "train"), pairs.select(pairs.split == "eval")
             new_params, first_loss, last_loss = self.fit(iteration, params, train_pairs, "pairs",
-                                                         cfg.train.learning_rate, cfg.train.epochs)
+                                                         self.cfg.train.learning_rate, self.cfg.train.epochs)
             evaluation = self.evaluate(new_params, eval_pairs)
             evaluation.update({"eval/loss_start": first_loss, "eval/loss_end": last_loss,
                                "eval/generation_length": float(np.mean(pairs.generated_lengths()))})
@@ -274,15 +279,16 @@ class Run:
 
     def objective(self, kind: str) -> train.Objective:
         """"pairs": the configured self-play loss; "sft": the warm-up's token-mean NLL."""
-        if kind not in self.compiled:
-            self.compiled[kind] = (train.pair_objective(self.model_cfg, self.cfg.loss) if kind == "pairs"
-                                   else train.sft_objective(self.model_cfg))
-        return self.compiled[kind]
+        key = (kind, self.cfg.loss)
+        if key not in self.compiled:
+            self.compiled[key] = (train.pair_objective(self.model_cfg, self.cfg.loss) if kind == "pairs"
+                                  else train.sft_objective(self.model_cfg))
+        return self.compiled[key]
 
     def steps(self, kind: str, learning_rate: float, total_steps: int):
         """(optimizer, create_state, train_step), jitted once per phase kind and schedule, so
         iterations of the same shape reuse the compiled step."""
-        key = (kind, learning_rate, total_steps)
+        key = (kind, learning_rate, total_steps, self.cfg.train, self.cfg.loss)
         if key not in self.compiled:
             cfg = self.cfg.train
             schedule = train.learning_rate_schedule(cfg, total_steps, peak=learning_rate)

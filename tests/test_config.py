@@ -367,3 +367,34 @@ def test_from_dict_names_nested_keys_with_their_section():
 def _write(path: pathlib.Path, text: str) -> pathlib.Path:
     path.write_text(text)
     return path
+
+
+# --------------------------------------------------------------------------- per-iteration changes
+
+def test_spin_recipe_changes_lr_at_iteration_2_and_beta_at_iteration_3():
+    cfg = recipe("zephyr7b_spin")
+    by_iteration = [(config.at_iteration(cfg, t).train.learning_rate, config.at_iteration(cfg, t).loss.beta)
+                    for t in range(-1, 4)]
+    assert by_iteration == [(5e-7, 0.1), (5e-7, 0.1), (5e-7, 0.1), (1e-7, 0.1), (1e-7, 5.0)]
+    assert config.at_iteration(cfg, 3).selfplay.from_iteration == ()
+    # Everything else is the run's config.
+    assert dataclasses.replace(config.at_iteration(cfg, 3), train=cfg.train, loss=cfg.loss,
+                               selfplay=cfg.selfplay) == cfg
+
+
+def test_from_iteration_accepts_yaml_mappings_and_applies_changes_in_order(empty_yaml):
+    cfg = load_with(empty_yaml, "selfplay.from_iteration=[1: loss.mu=2, '2: loss.mu=3', 1: sampler.temperature=0.5]")
+    assert cfg.selfplay.from_iteration == ("1: loss.mu=2", "2: loss.mu=3", "1: sampler.temperature=0.5")
+    assert [config.at_iteration(cfg, t).loss.mu for t in (0, 1, 2)] == [1.0, 2.0, 3.0]
+    assert config.at_iteration(cfg, 2).sampler.temperature == 0.5
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("'1: model.hidden_size=8'", "only \\['loss', 'train', 'sampler'\\] may change"),
+    ("'1 loss.mu=2'", "must look like 'ITERATION: section.key=value'"),
+    ("'1: loss.muu=2'", "unknown key loss.muu"),
+    ("'2: loss.mu=-1'", "loss.mu must be > 0"),
+])
+def test_bad_from_iteration_entries_are_named(empty_yaml, entry, message):
+    with pytest.raises(ConfigError, match="selfplay.from_iteration entry .*" + message):
+        load_with(empty_yaml, f"selfplay.from_iteration=[{entry}]")

@@ -118,6 +118,19 @@ def test_spin_starts_every_iteration_at_log_2_and_mixes_previous_pairs(tmp_path)
         np.testing.assert_array_equal(a[0], b[0])
 
 
+def test_from_iteration_changes_mu_and_learning_rate_at_its_iteration(tmp_path):
+    run_cfg = load("tiny_space.yaml", *SMALL, "train.log_every=1",
+                   "selfplay.from_iteration=[1: loss.mu=4, 1: train.learning_rate=1e-4]")
+    selfplay.run(run_cfg, tmp_path)
+    steps = {t: [r for r in metrics.read(tmp_path) if r["iteration"] == t and "event" not in r] for t in (0, 1)}
+    assert steps[0][0]["loss"] == pytest.approx(2 * math.log(2), abs=1e-5)            # mu = 1
+    assert steps[1][0]["loss"] == pytest.approx(5 * math.log(5) - 4 * math.log(4), abs=1e-5)  # mu = 4 from it. 1
+    assert len(steps[0]) == len(steps[1]) == 4  # same schedule length: the peak alone differs
+    for before, after in zip(steps[0], steps[1]):
+        assert after["learning_rate"] == pytest.approx(before["learning_rate"] * 1e-4 / run_cfg.train.learning_rate)
+    assert max(r["learning_rate"] for r in steps[1]) > 0
+
+
 def run_cli_in_subprocess(workdir, overrides):
     command = [sys.executable, "-m", "spacejax.cli", "train", "--config", str(ROOT / "configs" / "tiny_space.yaml"),
                "--workdir", str(workdir), *overrides]
@@ -228,6 +241,7 @@ def test_a_run_of_non_finite_losses_stops_with_the_last_good_checkpoint_intact(t
     (["loss.mu=-1"], "loss.mu"),
     (["loss.kind=spam"], "loss.kind"),
     (["train.batch_size=12"], "train.batch_size"),  # 8 devices on the data axis
+    (["selfplay.from_iteration=['1: train.batch_size=12']"], "train.grad_accum_steps = 12 (iteration 1)"),
 ])
 def test_config_errors_name_the_key_and_write_nothing(tmp_path, capsys, overrides, key):
     workdir = tmp_path / "run"
