@@ -210,6 +210,7 @@ class TrainConfig:
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # a batch (and every activation's leading axis) is split over these
+TENSOR_AXIS = "tensor"  # attention heads, the MLP and the vocabulary are split over this
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from spacejax.config import BATCH_AXES, ModelConfig
+from spacejax.config import BATCH_AXES, TENSOR_AXIS, ModelConfig
 
 INIT_STD = 0.02  # Hugging Face's initializer_range for these families
 MASKED_SCORE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully masked rows give no NaN
@@ -214,8 +214,9 @@ class Transformer(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens, positions, attention_mask, cache: Optional[Cache]):
-        """tokens, positions [B, L] int32; attention_mask [B, L] bool -> (logits [B, L, V] f32, cache)."""
+    def __call__(self, tokens, positions, attention_mask, cache: Optional[Cache], project: bool = True):
+        """tokens, positions [B, L] int32; attention_mask [B, L] bool -> (logits [B, L, V] f32, cache),
+        or with project=False (hidden states [B, L, H] after the final norm, cache)."""
         cfg = self.cfg
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                          embedding_init=_param_init(("vocab", "embed")), name="embed_tokens")
@@ -239,7 +240,8 @@ class Transformer(nn.Module):
             length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
         x, layer_caches = layers(x, layer_caches, cos, sin, mask, cache_index)
         x = RMSNorm(cfg, name="norm")(x)
-
+        if not project:
+            return x, None
         if cfg.tie_word_embeddings:
             logits = embed.attend(x)
         else:
@@ -274,6 +276,17 @@ def default_positions(attention_mask: jax.Array, cache: Optional[Cache] = None) 
     return start + jnp.maximum(jnp.cumsum(attention_mask, axis=1, dtype=jnp.int32) - 1, 0)
 
 
+def _masks_and_positions(tokens: jax.Array, positions: Optional[jax.Array], cache: Optional[Cache],
+                         attention_mask: Optional[jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """(attention_mask [B, L] bool, positions [B, L] int32) with the defaults of `apply`."""
+    if attention_mask is None:
+        attention_mask = jnp.ones(tokens.shape, bool)
+    attention_mask = attention_mask.astype(bool)
+    if positions is None:
+        positions = default_positions(attention_mask, cache)
+    return attention_mask, positions.astype(jnp.int32)
+
+
 def apply(cfg: ModelConfig, params: dict, tokens: jax.Array, positions: Optional[jax.Array] = None,
           cache: Optional[Cache] = None, attention_mask: Optional[jax.Array] = None):
     """Forward pass.
@@ -282,13 +295,32 @@ def apply(cfg: ModelConfig, params: dict, tokens: jax.Array, positions: Optional
     attention_mask [B, L] (default all real); cache: None for a full forward, or a `Cache` whose
     free slots hold at least L more tokens. Returns (logits [B, L, V] float32, updated cache or None).
     """
-    if attention_mask is None:
-        attention_mask = jnp.ones(tokens.shape, bool)
-    attention_mask = attention_mask.astype(bool)
-    if positions is None:
-        positions = default_positions(attention_mask, cache)
-    return Transformer(cfg).apply({"params": params}, tokens, positions.astype(jnp.int32),
-                                  attention_mask, cache)
+    attention_mask, positions = _masks_and_positions(tokens, positions, cache, attention_mask)
+    return Transformer(cfg).apply({"params": params}, tokens, positions, attention_mask, cache)
+
+
+def hidden_states(cfg: ModelConfig, params: dict, tokens: jax.Array, positions: Optional[jax.Array] = None,
+                  attention_mask: Optional[jax.Array] = None) -> jax.Array:
+    """The full forward without the vocabulary projection: [B, L, H] in the compute dtype, after
+    the final norm; `hidden @ output_kernel(cfg, params)` are `apply`'s logits. For losses that
+    project and reduce the vocabulary in chunks (`losses.sequence_logps_from_hidden`)."""
+    attention_mask, positions = _masks_and_positions(tokens, positions, None, attention_mask)
+    return Transformer(cfg).apply({"params": params}, tokens, positions, attention_mask, None, project=False)[0]
+
+
+def output_kernel(cfg: ModelConfig, params: dict) -> jax.Array:
+    """[H, V] vocabulary projection in the compute dtype (the embedding's transpose when tied).
+
+    Under a mesh in context (`jax.set_mesh`) it is gathered over the batch axes here, once, and
+    stays split over `tensor` along V where that divides: a loss that loops over chunks of
+    positions then reads one gathered copy instead of gathering inside its loop (on XLA:CPU a
+    collective inside a loop can also deadlock against the step's other collectives)."""
+    kernel = params["embed_tokens"]["embedding"].T if cfg.tie_word_embeddings else params["lm_head"]["kernel"]
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and TENSOR_AXIS in mesh.axis_names:
+        vocab_axis = TENSOR_AXIS if cfg.vocab_size % mesh.shape[TENSOR_AXIS] == 0 else None
+        kernel = jax.lax.with_sharding_constraint(kernel, jax.sharding.PartitionSpec(None, vocab_axis))
+    return kernel.astype(cfg.dtype)
 
 
 def num_params(params: dict) -> int:

@@ -88,9 +88,10 @@ def state_shardings(optimizer: optax.GradientTransformation, params_shapes, para
 
 
 def sequence_logps(model_cfg: ModelConfig, params, tokens, loss_mask, attention_mask):
-    """tokens, loss_mask, attention_mask [N, L] -> (summed response log-probs [N], token counts [N])."""
-    logits, _ = model.apply(model_cfg, params, tokens, attention_mask=attention_mask)
-    return losses.sequence_logps_and_counts(logits, tokens, loss_mask)
+    """tokens, loss_mask, attention_mask [N, L] -> (summed response log-probs [N], token counts [N]).
+    The vocabulary projection runs inside the loss, in chunks: the [N, L, V] logits never exist."""
+    hidden = model.hidden_states(model_cfg, params, tokens, attention_mask=attention_mask)
+    return losses.sequence_logps_from_hidden(hidden, model.output_kernel(model_cfg, params), tokens, loss_mask)
 
 
 def pair_logps(model_cfg: ModelConfig, params, batch: Batch):
@@ -102,9 +103,12 @@ def pair_logps(model_cfg: ModelConfig, params, batch: Batch):
     def rows(name):
         return jnp.concatenate([batch[f"real_{name}"], batch[f"generated_{name}"].reshape(batch_size * k, length)])
 
-    logps, counts = sequence_logps(model_cfg, params, rows("tokens"), rows("loss_mask"), rows("attention_mask"))
+    logps, _ = sequence_logps(model_cfg, params, rows("tokens"), rows("loss_mask"), rows("attention_mask"))
+    # Counts from each half where it already sits: slicing them out of the concatenated rows
+    # would be a reshard that does not wait for the forward, and on XLA:CPU such a collective
+    # can run in a different order on different devices than the forward's and deadlock.
     return (logps[:batch_size], logps[batch_size:].reshape(batch_size, k),
-            counts[:batch_size], counts[batch_size:].reshape(batch_size, k))
+            losses.target_counts(batch["real_loss_mask"]), losses.target_counts(batch["generated_loss_mask"]))
 
 
 def configured_loss(cfg: LossConfig) -> Callable:

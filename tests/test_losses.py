@@ -530,6 +530,55 @@ def test_sequence_logps_builds_no_full_size_float32_temporary():
     assert jax.jit(naive).lower(*shapes).compile().memory_analysis().temp_size_in_bytes > 0.9 * full
 
 
+@pytest.mark.parametrize("chunk_length", [4, 5, 64])
+def test_sequence_logps_from_hidden_equal_the_plain_formula_values_and_gradients(chunk_length):
+    """Chunked projection + log-softmax with its own backward against sequence_logps_and_counts
+    of hidden @ kernel, differentiated by jax: values and gradients (hidden and kernel, under a
+    loss that weighs rows differently) to 1e-5 relative in float32. Chunk lengths that divide
+    the 12 positions, that do not (padding), and that exceed them."""
+    _, tokens, loss_mask = padded_pair_batch(4)
+    rng = np.random.default_rng(4)
+    hidden = np.float32(rng.standard_normal((4, 12, 16)))
+    kernel = np.float32(rng.standard_normal((16, 50)))
+    row_weights = np.float32([0.5, -2.0, 3.0, 1.0])
+
+    def plain(hidden, kernel):
+        logps, counts = losses.sequence_logps_and_counts(hidden @ kernel, tokens, loss_mask)
+        return jnp.sum(row_weights * logps), (logps, counts)
+
+    def fused(hidden, kernel):
+        logps, counts = losses.sequence_logps_from_hidden(hidden, kernel, tokens, loss_mask, chunk_length)
+        return jnp.sum(row_weights * logps), (logps, counts)
+
+    (_, (expected, expected_counts)), expected_grads = jax.value_and_grad(plain, (0, 1), has_aux=True)(hidden, kernel)
+    (_, (logps, counts)), grads = jax.jit(jax.value_and_grad(fused, (0, 1), has_aux=True))(hidden, kernel)
+    np.testing.assert_allclose(logps, expected, rtol=1e-5)
+    np.testing.assert_array_equal(counts, expected_counts)
+    assert logps[2] == 0 and not np.any(grads[0][2])                    # row 2 has no targets
+    for grad, expected_grad in zip(grads, expected_grads):
+        np.testing.assert_allclose(grad, expected_grad, rtol=1e-5, atol=1e-5 * np.abs(expected_grad).max())
+    np.testing.assert_allclose(jax.jit(fused)(hidden, kernel)[1][0], expected, rtol=1e-5)  # undifferentiated
+
+
+def test_sequence_logps_from_hidden_keep_a_batch_sharded_input_sharded():
+    """Compiled gradient on 8 devices with the batch split over them: each device holds about its
+    own share of the one [B, L, V] tensor (an all-gather of it would put all of it on each);
+    the only collective is the sum of the kernel gradient."""
+    mesh = jax.make_mesh((8,), ("data",))
+    batch, length, hidden_size, vocab = 16, 256, 32, 32000
+    split, replicated = jax.NamedSharding(mesh, jax.P("data")), jax.NamedSharding(mesh, jax.P())
+    grad = jax.jit(jax.grad(lambda h, k, t, m: losses.sequence_logps_from_hidden(h, k, t, m)[0].sum(), (0, 1)),
+                   in_shardings=(split, replicated, split, split))
+    compiled = grad.lower(jax.ShapeDtypeStruct((batch, length, hidden_size), jnp.float32),
+                          jax.ShapeDtypeStruct((hidden_size, vocab), jnp.float32),
+                          jax.ShapeDtypeStruct((batch, length), jnp.int32),
+                          jax.ShapeDtypeStruct((batch, length), jnp.int32)).compile()
+    share = batch // 8 * length * vocab * 4
+    chunks = 2 * batch // 8 * losses.LOGIT_CHUNK_LENGTH * vocab * 4
+    assert compiled.memory_analysis().temp_size_in_bytes <= share + chunks + 0.1 * share
+    assert "all-gather" not in compiled.as_text()
+
+
 def test_sequence_logps_of_the_model_equal_transformers_log_probs(tmp_path):
     """Summed response log-probs of a padded pair batch through hf.load + model.apply equal those
     of the transformers PyTorch model (float32 both; 1e-4 on sums of ~10 token log-probs)."""

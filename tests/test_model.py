@@ -157,3 +157,15 @@ def test_every_param_has_logical_axes_one_per_dimension():
     assert tuple(axes["layers"]["self_attn"]["q_proj"]["kernel"]) == ("layers", "embed", "heads", "head_dim")
     assert tuple(axes["layers"]["self_attn"]["q_proj"]["bias"]) == ("layers", "heads", "head_dim")
     assert tuple(axes["embed_tokens"]["embedding"]) == ("vocab", "embed")
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_hidden_states_times_output_kernel_are_the_logits(tie):
+    """The split that `losses.sequence_logps_from_hidden` relies on: apply = hidden @ kernel."""
+    cfg = ModelConfig(tie_word_embeddings=tie)
+    params = model.init(cfg, jax.random.key(3))
+    tokens, mask = left_padded_batch(cfg.vocab_size)
+    logits, _ = model.apply(cfg, params, tokens, attention_mask=mask)
+    hidden = model.hidden_states(cfg, params, tokens, attention_mask=mask)
+    assert hidden.shape == (*tokens.shape, cfg.hidden_size)
+    np.testing.assert_allclose(hidden @ model.output_kernel(cfg, params), logits, rtol=1e-6, atol=1e-6)

@@ -1,6 +1,7 @@
 """The optimizer and schedule against PyTorch / transformers, and the jitted train step."""
 
 import dataclasses
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ import pytest
 import torch
 import transformers
 
-from spacejax import data, model, train
+from spacejax import data, losses, model, train
 from spacejax.config import LossConfig, ModelConfig, TrainConfig
 
 MODEL = ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
@@ -162,3 +163,46 @@ def test_configured_loss_passes_only_known_hyperparameters():
     sft = train.configured_loss(dataclasses.replace(LossConfig(kind="sft"), mu=5.0))
     loss, _ = sft(-jnp.ones(4), zeros, zeros, zeros)
     assert float(loss[0]) == 1.0
+
+
+def test_loss_gradient_holds_at_most_one_full_float32_logits_tensor():
+    """Compiled (not run) gradient of the SPIN pair objective on a 32000-vocabulary model with a
+    small hidden size, so vocabulary-sized buffers dominate: XLA's temporaries stay within one
+    [B, L, V] float32 tensor, two chunks of `losses.LOGIT_CHUNK_LENGTH` positions and a tenth of
+    a full tensor for all the rest. The same objective reducing `model.apply`'s logits keeps
+    them and their gradient (two full tensors); a log_softmax array adds more: both exceed it."""
+    cfg = ModelConfig(vocab_size=32000, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                      num_kv_heads=1, head_dim=16)
+    pairs, length = 2, 256
+    rows = 2 * pairs
+    batch = {f"{side}_{name}": jax.ShapeDtypeStruct(shape, jnp.int32)
+             for side, shape in (("real", (pairs, length)), ("generated", (pairs, 1, length)))
+             for name in ("tokens", "loss_mask", "attention_mask")}
+    batch["opponent_real_logps"] = jax.ShapeDtypeStruct((pairs,), jnp.float32)
+    batch["opponent_generated_logps"] = jax.ShapeDtypeStruct((pairs, 1), jnp.float32)
+    params = jax.eval_shape(lambda: model.init(cfg, jax.random.key(0)))
+    full = rows * length * cfg.vocab_size * 4
+    bound = full + 2 * rows * losses.LOGIT_CHUNK_LENGTH * cfg.vocab_size * 4 + 0.1 * full
+
+    def temporaries(sequence_logps) -> int:
+        with mock.patch.object(train, "sequence_logps", sequence_logps):
+            objective = train.pair_objective(cfg, LossConfig(kind="spin"))
+            compiled = jax.jit(jax.grad(lambda p, b: objective(p, b)[0])).lower(params, batch).compile()
+        analysis = compiled.memory_analysis()
+        if analysis is None:
+            pytest.skip("this backend reports no memory analysis")
+        return analysis.temp_size_in_bytes
+
+    def from_logits(model_cfg, params, tokens, loss_mask, attention_mask):
+        logits, _ = model.apply(model_cfg, params, tokens, attention_mask=attention_mask)
+        return losses.sequence_logps_and_counts(logits, tokens, loss_mask)
+
+    def from_log_softmax(model_cfg, params, tokens, loss_mask, attention_mask):
+        logits, _ = model.apply(model_cfg, params, tokens, attention_mask=attention_mask)
+        log_softmax = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+        token_logps = jnp.take_along_axis(log_softmax, tokens[:, 1:, None], -1)[..., 0] * loss_mask[:, 1:]
+        return token_logps.sum(-1), loss_mask[:, 1:].sum(-1).astype(jnp.float32)
+
+    assert temporaries(train.sequence_logps) <= bound
+    assert temporaries(from_logits) > bound
+    assert temporaries(from_log_softmax) > bound
