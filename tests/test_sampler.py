@@ -1,7 +1,9 @@
 """The sampler against transformers `generate`, against full forwards, and its strategies against
 NumPy distributions; batching, seeding, end ids, sharding and the `generate` command."""
 
+import argparse
 import json
+import sys
 from pathlib import Path
 
 import jax
@@ -13,10 +15,11 @@ import torch
 import transformers
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from spacejax import checkpoint, cli, hf, model, sampler
-from spacejax.config import ModelConfig
+from spacejax import checkpoint, cli, hf, model, sampler, selfplay, sharding
+from spacejax.config import MeshConfig, ModelConfig
 
 from hf_models import save
+from test_sharding import run_processes
 
 MAX_NEW = 12
 PROMPT_LENGTHS = (5, 17, 30)  # 30 + 12 new tokens run past the Mistral window (24)
@@ -117,7 +120,7 @@ def test_both_forms_of_the_one_token_step_equal_model_apply(variant, extra, swit
     save(variant, tmp_path, **extra)
     cfg, params = hf.load(tmp_path)
     assert (cfg.qkv_bias, cfg.out_bias, cfg.tie_word_embeddings) == switches
-    monkeypatch.setattr(sampler, "SMALL_BATCH", streaming_rows)  # read when tracing; jitted afresh below
+    monkeypatch.setattr(sampler.step, "SMALL_BATCH", streaming_rows)  # read when tracing; jitted afresh below
     tokens, mask = np.array([[0, 0, 5, 9, 7], [4, 8, 6, 3, 11]]), np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     cache = model.init_cache(cfg, 2, 8)
     _, cache = model.apply(cfg, params, tokens, cache=cache, attention_mask=mask)
@@ -251,6 +254,10 @@ def test_ties_at_the_boundary_are_kept():
 
 @pytest.fixture(scope="module")
 def tiny():
+    return tiny_model()
+
+
+def tiny_model():
     """Random params drawn in NumPy (no compilation), std 0.1: peaked enough that sampling is not uniform."""
     cfg = ModelConfig(vocab_size=128, eos_token_ids=(2,))
     rng = np.random.default_rng(0)
@@ -344,6 +351,39 @@ def test_sharded_generation_equals_unsharded(tiny):
     with pytest.raises(ValueError, match="multiple of"):
         sample_tiny(tiny, prompts, batch_size=6, mesh=mesh)
 
+    # params sharded as for training, decode weights gathered over fsdp once: the same samples
+    fsdp_params = jax.device_put(params, selfplay.param_shardings(cfg, mesh))
+    gathered = sample_tiny((cfg, fsdp_params), prompts, batch_size=4, mesh=mesh, gather_weights=True)
+    np.testing.assert_array_equal(gathered.tokens, reference.tokens)
+    np.testing.assert_allclose(gathered.logprobs, reference.logprobs, atol=1e-5)
+
+
+TWO_BY_TWO_BY_TWO = MeshConfig(data=2, fsdp=2, tensor=2)
+
+
+def test_two_processes_generate_what_one_process_does(tiny):
+    """`python tests/test_sampler.py` on 2 processes x 4 CPU devices (loopback `jax.distributed`):
+    each process places only its rows of every batch and reads back all of them."""
+    prompts = random_prompts(tiny[0].vocab_size, BATCH_LENGTHS)
+    reference = sample_tiny(tiny, prompts, batch_size=4, mesh=sharding.make_mesh(TWO_BY_TWO_BY_TWO))
+    for output in run_processes([__file__]):
+        result = json.loads(output.strip().splitlines()[-1])
+        np.testing.assert_array_equal(result["tokens"], reference.tokens)
+        np.testing.assert_allclose(result["logprobs"], reference.logprobs, atol=1e-5)
+
+
+def two_process_worker(argv) -> None:
+    """One process of `test_two_processes_generate_what_one_process_does`: prints the completions."""
+    parser = argparse.ArgumentParser()
+    for flag, kind in (("--coordinator", str), ("--num-processes", int), ("--process-id", int)):
+        parser.add_argument(flag, type=kind)
+    args = parser.parse_args(argv)
+    sharding.initialize(args.coordinator, args.num_processes, args.process_id)
+    tiny = tiny_model()
+    out = sample_tiny(tiny, random_prompts(tiny[0].vocab_size, BATCH_LENGTHS), batch_size=4,
+                      mesh=sharding.make_mesh(TWO_BY_TWO_BY_TWO))
+    print(json.dumps(dict(tokens=out.tokens.tolist(), logprobs=out.logprobs.tolist())))
+
 
 def test_bad_prompts_are_named():
     cfg = ModelConfig(vocab_size=16)
@@ -421,7 +461,7 @@ def test_generate_command_names_the_bad_line_and_writes_nothing(saved_llama, tmp
     assert not out.exists() and list(tmp_path.iterdir()) == [prompts]
 
 
-TINY_TOKENIZER = Path(sampler.__file__).parent / "assets" / "tiny_tokenizer"
+TINY_TOKENIZER = Path(sampler.__file__).parents[1] / "assets" / "tiny_tokenizer"
 
 
 def test_generate_command_renders_text_with_the_chat_template(tmp_path):
@@ -446,3 +486,7 @@ def test_generate_command_renders_text_with_the_chat_template(tmp_path):
     for r, row in enumerate(written):
         assert row["completion_ids"] == expected.completion(r).tolist()
         assert row["completion"] == tokenizer.decode(row["completion_ids"], skip_special_tokens=True)
+
+
+if __name__ == "__main__":
+    two_process_worker(sys.argv[1:])
