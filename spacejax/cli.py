@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -87,10 +88,29 @@ def bench_stability(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}/curves.json, curves.csv, kl.png, steps.png, summary.md")
 
 
+def bench_throughput(args: argparse.Namespace) -> None:
+    """Tokens/s, MFU and roofline fractions of the train step, scoring and the sampler: a JSON file."""
+    run_cfg = config.load(args.config or bench.throughput.DEFAULT_CONFIG, args.overrides)
+    command = shlex.join(["spacejax", "bench", "throughput", "--out", str(args.out), *(
+        ["--config", str(args.config)] if args.config else []),
+        "--sampler-batches", ",".join(map(str, args.sampler_batches)), "--repeats", str(args.repeats),
+        "--matmul-size", str(args.matmul_size), "--bandwidth-bytes", str(args.bandwidth_bytes), *(
+            ["--profile", str(args.profile)] if args.profile else []), *args.overrides])
+    result = bench.throughput.run(run_cfg, args.out, sampler_batches=args.sampler_batches, repeats=args.repeats,
+                                  matmul_size=args.matmul_size, bandwidth_bytes=args.bandwidth_bytes,
+                                  profile_dir=args.profile, command=command)
+    print(bench.throughput.format_table(result))
+    print(f"wrote {args.out}")
+
+
 def plot_runs(args: argparse.Namespace) -> None:
     """The stability plots (and curves, summary) of any run directories."""
     written = bench.plot_workdirs(args.workdirs, args.out)
     print(f"wrote {', '.join(str(p) for p in written)}")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(",") if part)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", type=int, required=True, help="number of devices (chips)")
     p.add_argument("--hbm-gib", type=float, required=True, help="memory per device, GiB (v5p 95, v4 32)")
     p.set_defaults(run=plan_memory)
-    p = commands.add_parser("bench", help="benchmarks: `bench stability` (loss stability curves over seeds)")
+    p = commands.add_parser("bench", help="benchmarks: `bench stability` (loss stability curves over seeds), "
+                                          "`bench throughput` (tokens/s, MFU, roofline)")
     benchmarks = p.add_subparsers(dest="benchmark", required=True)
     p = benchmarks.add_parser("stability", help="SPIN, SPACE, SFT from one theta_0 per seed: KL and loss curves")
     p.add_argument("--config", required=True, help="a YAML file of configs/ (configs/stability.yaml)")
@@ -157,6 +178,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: " + ",".join(bench.DEFAULT_METHODS))
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides for every run")
     p.set_defaults(run=bench_stability)
+    p = benchmarks.add_parser("throughput", help="tokens/s, MFU, decode roofline and memory of issue 8's model",
+                              description=bench.throughput.__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="JSON file to write (atomically)")
+    p.add_argument("--config", help="a YAML file (default: configs/throughput.yaml, the 56M float32 Llama)")
+    p.add_argument("--sampler-batches", type=_int_list, default=bench.throughput.SAMPLER_BATCHES,
+                   metavar="B,B,...", help="generate batch sizes (default 8,32)")
+    p.add_argument("--repeats", type=int, default=5, help="rounds, each timing one call of every part in turn (after a "
+                   "warm-up call); each part's best call counts")
+    p.add_argument("--matmul-size", type=int, default=bench.throughput.MATMUL_SIZE,
+                   help="side of the square matmul measuring the peak (default 2048)")
+    p.add_argument("--bandwidth-bytes", type=int, default=bench.throughput.BANDWIDTH_BYTES,
+                   help="size of the array the bandwidth reduction reads (default 256 MiB)")
+    p.add_argument("--profile", metavar="DIR", help="also trace one call of each part into DIR (jax.profiler) "
+                                                   "and put its top XLA ops in the JSON and the table")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="config overrides, e.g. model.num_layers=2 model.dtype=bfloat16")
+    p.set_defaults(run=bench_throughput)
 
     p = commands.add_parser("plot", help="stability plots, curves and summary from run directories")
     p.add_argument("workdirs", nargs="+", help="run directories holding metrics.jsonl")
