@@ -22,7 +22,6 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 import argparse  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -30,11 +29,12 @@ import numpy as np  # noqa: E402
 from spacejax import model, sampler, selfplay, sharding  # noqa: E402
 from spacejax.config import MeshConfig, ModelConfig  # noqa: E402
 
+import report  # noqa: E402  # benchmarks/report.py: the BENCHMARKS.md sections
+
 SMALL = ModelConfig(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_layers=4, num_heads=8,
                     num_kv_heads=4, head_dim=64)
 MESHES = ((1, 8, 1), (2, 4, 1))
-BENCHMARKS_MD = Path(__file__).parent / "BENCHMARKS.md"
-BEGIN, END = "<!-- decode_sharding: begin -->", "<!-- decode_sharding: end -->"
+BEGIN, END = report.markers("decode_sharding")
 
 
 def placed_params(mesh) -> dict:
@@ -99,16 +99,6 @@ def markdown(results, command: str, batch: int, prompt_length: int, new_tokens: 
     return "\n".join(lines)
 
 
-def write_section(section: str) -> None:
-    text = BENCHMARKS_MD.read_text()
-    if BEGIN in text and END in text:
-        before, rest = text.split(BEGIN, 1)
-        text = before + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    BENCHMARKS_MD.write_text(text)
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=16)
@@ -120,7 +110,7 @@ def main(argv=None) -> None:
     results = run(args.batch, args.prompt_length, args.new_tokens, args.repeats)
     if args.write:
         command = "python benchmarks/decode_sharding.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        write_section(markdown(results, command.strip(), args.batch, args.prompt_length, args.new_tokens))
+        report.write_section("decode_sharding", markdown(results, command.strip(), args.batch, args.prompt_length, args.new_tokens))
 
 
 if __name__ == "__main__":

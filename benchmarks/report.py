@@ -1,0 +1,24 @@
+"""benchmarks/BENCHMARKS.md: each benchmark script owns one section between its two marker lines
+and rewrites it in place with `--write`; the rest of the file is left as it is."""
+
+from pathlib import Path
+
+BENCHMARKS_MD = Path(__file__).parent / "BENCHMARKS.md"
+
+
+def markers(name: str) -> tuple[str, str]:
+    """The HTML comments that open and close section `name`."""
+    return f"<!-- {name}: begin -->", f"<!-- {name}: end -->"
+
+
+def write_section(name: str, section: str) -> None:
+    """Replace section `name` (markers included in `section`) or append it when it is new."""
+    begin, end = markers(name)
+    text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "# Benchmarks\n"
+    if begin in text and end in text:
+        before, rest = text.split(begin, 1)
+        text = before + section + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    BENCHMARKS_MD.write_text(text)
+    print(f"updated {BENCHMARKS_MD}")
