@@ -180,7 +180,11 @@ class Run:
 
     def _run(self) -> dict:
         cfg = self.cfg
-        self.model_cfg, params = initial_params(cfg, self.mesh)
+        model_cfg, params = initial_params(cfg, self.mesh)
+        # The task's end ids join the model's, so every checkpoint and HF export of this run stops
+        # generating where its sampler did (`spacejax generate` reads them from the model config).
+        end_ids = tuple(dict.fromkeys(model_cfg.eos_token_ids + tuple(i for i in self.task.end_ids if i is not None)))
+        self.model_cfg = dataclasses.replace(model_cfg, eos_token_ids=end_ids)
         self.score = train.make_score_fn(self.model_cfg, out_shardings=sharding.replicated(self.mesh))
         if cfg.selfplay.sft_epochs:
             params = self.sft(params)

@@ -18,7 +18,7 @@ import pytest
 
 import orbax.checkpoint as ocp
 
-from spacejax import assets, checkpoint, cli, config, hf, losses, metrics, selfplay, train
+from spacejax import assets, checkpoint, cli, config, hf, losses, metrics, selfplay, toy, train
 from spacejax.pairs import Pairs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,6 +93,24 @@ def test_a_finished_run_resumes_to_the_same_result_without_work(space_run):
     evaluation = selfplay.run(load("tiny_space.yaml", *SMALL, "sampler.num_samples=2"), space_run)
     assert metrics.read(space_run) == before
     assert evaluation == json.loads((space_run / "iter_001" / "eval.json").read_text())
+
+
+def test_generate_on_a_final_checkpoint_stops_at_the_tasks_end_token(space_run, tmp_path):
+    """The toy task's END is in the saved model config, so `spacejax generate` on an iteration's
+    final params ends rows there as the run's sampler did, with nothing after it."""
+    final = space_run / "iter_001" / "final"
+    assert checkpoint.load_config(final).eos_token_ids == (toy.END,)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt_ids": [toy.BOS, toy.FIRST_CONTEXT + c]}) + "\n" for c in range(4)))
+    out = tmp_path / "completions.jsonl"
+    assert cli.main(["generate", "--model", str(final), "--prompts", str(prompts), "--out", str(out),
+                     "--max-new-tokens", "48", "--num-samples", "4", "--seed", "0"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 16 and sum(row["finished"] for row in rows) >= 12
+    for row in rows:
+        ids = row["completion_ids"]
+        assert row["finished"] == (toy.END in ids)
+        assert toy.END not in ids or ids.index(toy.END) == len(ids) - 1
 
 
 def test_spin_starts_every_iteration_at_log_2_and_mixes_previous_pairs(tmp_path):
