@@ -166,7 +166,9 @@ def wait_for_step(workdir, iteration, step, process, timeout=300):
     raise TimeoutError(f"iteration {iteration} step {step} not reached")
 
 
-LONG_ITERATION_1 = SMALL + ["train.epochs=40", "train.log_every=1"]  # 160 steps in iteration 1
+# 160 steps an iteration, so a signal lands mid-iteration 1; a save every 10 steps (every 2, as in
+# SMALL, spends two thirds of the run in Orbax)
+LONG_ITERATION_1 = SMALL + ["train.epochs=40", "train.log_every=1", "checkpoint.every_steps=10"]
 
 
 @pytest.fixture(scope="module")
