@@ -64,7 +64,7 @@ class MetricsWriter:
         if not self.enabled or not self.path.exists():
             return
         resume_point = (iteration, step, False)
-        kept = [line for line in self.path.read_text().splitlines() if _order(json.loads(line)) <= resume_point]
+        kept = [line for line in _complete_lines(self.path) if _order(json.loads(line)) <= resume_point]
         staging = self.path.with_suffix(".tmp")
         staging.write_text("".join(line + "\n" for line in kept))
         os.replace(staging, self.path)
@@ -75,9 +75,16 @@ def _order(record: dict) -> tuple[int, int, bool]:
     return record["iteration"], record["step"], "event" in record
 
 
+def _complete_lines(path: Path) -> list[str]:
+    """The newline-terminated lines of `path`: a last line without its newline is a record still
+    being written, or one a kill cut short, and is left out."""
+    return path.read_text().split("\n")[:-1]
+
+
 def read(workdir) -> list[dict]:
+    """Every complete record of `workdir/metrics.jsonl`, in file order ([] before the first)."""
     path = Path(workdir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [json.loads(line) for line in _complete_lines(path)] if path.exists() else []
 
 
 def progress(iterable: Optional[Iterable] = None, total: Optional[int] = None, desc: str = "",

@@ -22,6 +22,20 @@ def test_drop_after_keeps_records_up_to_the_resume_point(tmp_path):
     assert kept == [(0, 1, False), (0, 2, False), (0, 3, False), (0, 3, True), (1, 1, False), (1, 2, False)]
 
 
+def test_a_record_cut_short_is_not_read_and_is_dropped_on_resume(tmp_path):
+    """A kill (or a reader racing the writer) can leave a last line without its newline: `read`
+    skips it, and the resumed run's `drop_after` removes it before appending again."""
+    writer = metrics.MetricsWriter(tmp_path)
+    for step in (1, 2):
+        writer.write({"iteration": 0, "step": step, "loss": 0.5})
+    with writer.path.open("a") as f:
+        f.write('{"iteration": 0, "step": 3, "lo')
+    assert [r["step"] for r in metrics.read(tmp_path)] == [1, 2]
+    writer.drop_after(0, 2)
+    writer.write({"iteration": 0, "step": 3, "loss": 0.25})
+    assert metrics.read(tmp_path) == [{"iteration": 0, "step": s, "loss": v} for s, v in ((1, 0.5), (2, 0.5), (3, 0.25))]
+
+
 def test_tensorboard_events_are_written(tmp_path):
     writer = metrics.MetricsWriter(tmp_path, tensorboard=True)
     writer.write({"iteration": 0, "step": 1, "loss": 1.5})
