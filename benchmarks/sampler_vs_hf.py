@@ -148,7 +148,8 @@ def markdown(results, limits: dict, command: str, prompt_length: int, new_tokens
         "of them): ~5 ms at the measured bandwidth. XLA:CPU runs each streaming multiply-reduce on one thread at "
         "~15 GB/s (the output projection alone: 4.3 ms for 65.5 MB; its dot is slower, 5.7 ms), half the "
         "two-thread bandwidth of the plain sum above; splitting a kernel into independent halves for the two "
-        "cores made XLA:CPU ~100x slower (it copies the slices), so it stays one pass. At batch 32 a step is "
+        "cores made XLA:CPU ~100x slower (also with the halves stored "
+        "apart; the cause inside XLA:CPU was not found), so it stays one pass. At batch 32 a step is "
         "2.6 GFLOP of [32, 512] x [512, n] matmuls, which XLA:CPU runs at about a third of the peak of its "
         "2048^3 matmul. 3x transformers at batch 8 would be ~0.76 s for the call: with the re-layout and the "
         "prompt at 0.22 s, decode steps of ~8.5 ms, i.e. both cores streaming at full bandwidth.",
