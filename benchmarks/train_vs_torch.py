@@ -40,6 +40,7 @@ import torch
 import transformers
 
 from spacejax import hf, model, train
+from spacejax.bench import throughput
 from spacejax.config import LossConfig, TrainConfig
 
 import report  # benchmarks/report.py: the BENCHMARKS.md sections
@@ -98,13 +99,6 @@ def pair_batch(rows: dict, opponent_logps: np.ndarray) -> dict:
     batch["opponent_real_logps"] = opponent_logps[real]
     batch["opponent_generated_logps"] = opponent_logps[generated][:, None]
     return jax.device_put(batch)
-
-
-def flops_per_token(cfg, params, forward_only: bool) -> float:
-    """Matmul FLOPs per token: 2 N (forward) or 6 N (train) plus attention's scores and mixing."""
-    matmul_params = model.num_params(params) - cfg.vocab_size * cfg.hidden_size * (not cfg.tie_word_embeddings)
-    attention = 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * LENGTH * 2
-    return (1 if forward_only else 3) * (2 * matmul_params + attention)
 
 
 # ----------------------------------------------------------------------------------- PyTorch
@@ -224,7 +218,8 @@ def run(repeats: int) -> dict:
     tokens = rows["tokens"].size
     rates = {name: tokens / min(t) for name, t in times.items() if "matmul" not in name}
     peaks = {name.split()[0]: 2 * MATMUL**3 / min(t) for name, t in times.items() if "matmul" in name}
-    flops = {"train": flops_per_token(cfg, params, False), "score": flops_per_token(cfg, params, True)}
+    flops = {"train": throughput.train_flops_per_token(cfg, params, LENGTH),
+             "score": throughput.forward_flops_per_token(cfg, params, LENGTH)}
     result = dict(rates=rates, peaks=peaks, flops=flops, agreement=agreement, params=model.num_params(params),
                   spread={name: max(t) / min(t) for name, t in times.items()}, times=times)
     print_results(result)

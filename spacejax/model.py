@@ -216,7 +216,7 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, tokens, positions, attention_mask, cache: Optional[Cache], project: bool = True):
         """tokens, positions [B, L] int32; attention_mask [B, L] bool -> (logits [B, L, V] f32, cache),
-        or with project=False (hidden states [B, L, H] after the final norm, cache)."""
+        or with project=False (hidden states [B, L, H] after the final norm, None): no cache then."""
         cfg = self.cfg
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                          embedding_init=_param_init(("vocab", "embed")), name="embed_tokens")

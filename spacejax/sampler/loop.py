@@ -11,10 +11,8 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from spacejax import model
-from spacejax.config import BATCH_AXES, ModelConfig
+from spacejax.config import BATCH_AXES, TENSOR_AXIS, ModelConfig
 from spacejax.sampler.step import step_forward
-
-HEADS_AXIS = "tensor"
 
 
 @struct.dataclass
@@ -44,8 +42,8 @@ def _constrain(state: DecodeState, cfg: ModelConfig, mesh: Optional[Mesh]) -> De
     """Pin the state's layout on `mesh`: batch over (data, fsdp), the cache's kv heads over tensor."""
     if mesh is None:
         return state
-    tensor = mesh.shape.get(HEADS_AXIS, 1)
-    heads = HEADS_AXIS if tensor > 1 and cfg.num_kv_heads % tensor == 0 else None
+    tensor = mesh.shape.get(TENSOR_AXIS, 1)
+    heads = TENSOR_AXIS if tensor > 1 and cfg.num_kv_heads % tensor == 0 else None
 
     def spec(path, leaf):
         if jax.tree_util.keystr(path).startswith((".cache_keys", ".cache_values")):  # [B, K, S, D]
