@@ -301,6 +301,20 @@ def test_rows_depend_on_seed_prompt_and_sample_index_only(tiny):
     np.testing.assert_array_equal(subset.sample_indices, [0, 1, 0, 1])
 
 
+def test_step_weights_made_once_give_the_same_rows(tiny):
+    cfg, params = tiny
+    prompts = random_prompts(cfg.vocab_size, BATCH_LENGTHS)
+    reference = sample_tiny(tiny, prompts, batch_size=4)
+    weights = sampler.step_params(cfg, params)
+    for _ in range(2):  # reused: nothing in them is consumed by a call
+        out = sample_tiny(tiny, prompts, batch_size=4, step_weights=weights)
+        np.testing.assert_array_equal(out.tokens, reference.tokens)
+        np.testing.assert_array_equal(out.logprobs, reference.logprobs)
+    cut = {**weights, "lm_head": weights["lm_head"][:64]}  # as if made for a smaller vocabulary
+    with pytest.raises(ValueError, match=r"step_weights\['lm_head'\] has shape \(64, 64\), step_params"):
+        sample_tiny(tiny, prompts, batch_size=4, step_weights=cut)
+
+
 def test_end_ids_stop_each_row_on_its_own(tiny):
     cfg, params = tiny
     prompts = random_prompts(cfg.vocab_size, (4, 11, 25, 8), seed=2)
@@ -338,6 +352,9 @@ def test_sharded_generation_equals_unsharded(tiny):
     sharded = sample_tiny(tiny, prompts, batch_size=4, mesh=mesh)
     np.testing.assert_array_equal(sharded.tokens, reference.tokens)
     np.testing.assert_allclose(sharded.logprobs, reference.logprobs, atol=1e-5)
+    host_weights = sampler.step_params(cfg, params)  # on the default device: replicated over the mesh
+    reused = sample_tiny(tiny, prompts, batch_size=4, mesh=mesh, step_weights=host_weights)
+    np.testing.assert_array_equal(reused.tokens, reference.tokens)
 
     batch = lambda x: jax.device_put(x, NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
     tokens = np.ones((4, 32), np.int32)

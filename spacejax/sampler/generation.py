@@ -74,6 +74,20 @@ def _check_prompts(prompts, vocab_size: int) -> list[np.ndarray]:
     return checked
 
 
+def _check_step_weights(step_weights: dict, expected) -> None:
+    """Raise if `step_weights` do not have the leaves and shapes `step_params` gives these params."""
+    def shapes(tree) -> dict:
+        return {jax.tree_util.keystr(path): tuple(leaf.shape)
+                for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+    got, want = shapes(step_weights), shapes(expected)
+    if got != want:
+        key = next(k for k in sorted(got.keys() | want.keys()) if got.get(k) != want.get(k))
+        raise ValueError(f"step_weights{key} has shape {got.get(key, 'none')}, step_params(cfg, params) gives "
+                         f"{want.get(key, 'none')}: pass sampler.step_params(cfg, params) of the params you "
+                         f"generate from")
+
+
 def _place_params(params, mesh: Optional[Mesh]):
     """Params on device once: leaves already on `mesh` stay; others (which every process holds
     whole) are replicated over it (or put on the default device without a mesh)."""
@@ -117,7 +131,7 @@ def generate(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], r
              batch_size: int = 32, num_samples: int = 1, prompt_indices: Optional[Sequence[int]] = None,
              pad_id: int = 0, buckets: Optional[Sequence[int]] = None, mesh: Optional[Mesh] = None,
              return_logprobs: bool = False, return_logits: bool = False, gather_weights: bool = False,
-             progress: bool = True) -> Completions:
+             step_weights: Optional[dict] = None, progress: bool = True) -> Completions:
     """Generate `num_samples` completions of up to `max_new_tokens` for each prompt.
 
     prompts: token id lists or 1-D arrays (no padding). rng_or_seed: an int seed or a PRNG key.
@@ -160,7 +174,11 @@ def generate(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], r
         batches += [(int(bucket), rows[i:i + batch]) for i in range(0, len(rows), batch)]
 
     params = _place_params(params, mesh)
-    weights = step_params(cfg, params)
+    if step_weights is None:
+        weights = step_params(cfg, params)
+    else:
+        _check_step_weights(step_weights, jax.eval_shape(step_params, cfg, params))
+        weights = _place_params(step_weights, mesh)
     if gather_weights and mesh is not None:
         weights = _without_fsdp(weights, mesh)
     end_ids_array = jnp.asarray(end_ids, jnp.int32).reshape(-1)
