@@ -18,7 +18,8 @@ or `buckets`), so a whole run compiles one prefill and one decode per bucket. A 
 While one batch decodes, the host prepares the next (JAX dispatches asynchronously).
 
 The one-token step (`step_forward`) is the model's math for L = 1 on weights re-laid out once per
-call (`step_params`: one extra copy of the weights while generating): layers unstacked, since a
+call (`step_params`: one extra copy of the weights while generating; a caller generating from the
+same params many times makes it once and passes `step_weights`): layers unstacked, since a
 scan over stacked layers copies each layer's weights out at every step; q/k/v and gate/up fused;
 kernels [out, in]; and per-layer caches [B, K, S, D], which both attention products read without
 a transpose. It equals `model.apply` with a cache to float32 rounding (tests/test_sampler.py).
