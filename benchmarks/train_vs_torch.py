@@ -66,9 +66,14 @@ PROFILE = (
     "alternating A/B on a loaded one (load ~1.5, 4 rounds) the two were within the noise (6.9-8.2 s chunked, "
     "6.7-7.8 s with logits): count it as a memory saving (tests/test_train.py checks XLA's memory analysis), "
     "not a speed-up. The page faults and the loaded host's steal time are also why this machine's figures swing "
-    "by 1.5x between runs (the spread column). Not done: unrolling the "
-    "8-layer scan saves another ~8% of CPU time here but needs a config switch; remat only adds work at this "
-    "size (full remat: +15%).")
+    "by 1.5x between runs (the spread column). The page faults come from glibc's malloc, which serves "
+    "XLA:CPU's large temporaries with fresh mmaps: started with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` "
+    "(transparent huge pages for those mappings), a process takes ~1.3k faults a step instead of ~415k and "
+    "0.23 s of system time instead of 1.5 s, but in three alternating pairs of processes on this loaded host "
+    "the best step moved by 0-22% (without vs with: 5.79 vs 5.77 s, 6.14 vs 5.37 s, 6.85 vs 5.35 s): worth trying on a CPU "
+    "host, not a setting spacejax makes for you. Not done: unrolling the 8-layer scan (`nn.scan(unroll=8)`) "
+    "gave 6.35 vs 6.58 s best and 6.69 vs 6.65 s median in an alternating A/B in one process, no gain beyond "
+    "the noise for another config switch; remat only adds work at this size (full remat: +15%).")
 BEGIN, END = report.markers("train_vs_torch")
 
 
