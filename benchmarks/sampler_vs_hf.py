@@ -151,21 +151,22 @@ def markdown(results, limits: dict, command: str, prompt_length: int, new_tokens
         "server generating from the same params would; \"re-laid per call\" is `generate` without it, which "
         "re-lays the weights out for one-token steps at every call (what self-play does, once per iteration).",
         "",
-        "Where the time goes (jax.profiler trace of a batch-8 call, `bench.throughput.profile_top_ops`): the matmuls, "
-        "which XLA:CPU hands to YNNPACK as multiply-reduce fusions on both cores, are 96% of the traced op "
-        "time; every other op (attention over the cache, norms, RoPE, cache writes, the argmax) adds up to "
-        "the other 4%. The [32000, 512] output projection takes 4.6 ms a step for its 65.5 MB "
-        "(14 GB/s) and the layers' kernels (1-6 MB each) 0.2-0.5 ms each (9-12 GB/s), against the 30 GB/s "
-        "of a plain sum: at batch 8 each weight feeds 8 multiply-adds, and the kernel does not reach the "
-        "bandwidth. Nothing faster was found for these shapes on this CPU: XLA's dot (Eigen) is 1.1-1.4x "
-        "slower at 8 to 32 rows, the XNNPACK and oneDNN dot fusions (`--xla_cpu_experimental_xnn_fusion_type="
-        "dot`, `--xla_cpu_use_onednn`) and NumPy's OpenBLAS take the same ~5 ms for the output projection, "
-        "PyTorch's 14 ms; without YNNPACK (`--xla_cpu_experimental_ynn_fusion_type=dot`) XLA materialises "
-        "the [8, 32000, 512] product and is ~50x slower; "
-        "two simulated devices splitting the weights run one after the other, not on one core each. So the "
-        "3x and 2x targets need steps that read the weights near the memory bandwidth, which this CPU's "
-        "kernels do not: at batch 8, 3x transformers' 226 tokens/s is 0.76 s a call, i.e. decode steps of "
-        "~10 ms after the prompt's 0.1 s, against 13-17 ms measured.",
+        "Where the time goes (jax.profiler trace of a batch-8 call, `bench.throughput.profile_top_ops`): the "
+        "matmuls, which XLA:CPU runs as YNNPACK fusions on both cores, are 96% of the traced op time; every "
+        "other op (attention over the cache, norms, RoPE, cache writes, the argmax) adds up to the other 4%. "
+        "The [32000, 512] output projection takes 4.6-5.8 ms a step for its 65.5 MB (11-14 GB/s) and the "
+        "layers' kernels (1-6 MB each) 0.2-0.7 ms each, against the 28-32 GB/s of a plain sum: at batch 8 each "
+        "weight feeds 8 multiply-adds, and the kernels do not reach the bandwidth. Nothing faster was found "
+        "for these shapes on this CPU: the step written as multiply-reduces instead of dots (YNNPACK's "
+        "reduction) took the same time in an alternating A/B (20.3 vs 19.3 ms at batch 8, 45.5 vs 44.7 ms at "
+        "32); the output projection alone takes ~5 ms with the XNNPACK or oneDNN dot fusions "
+        "(`--xla_cpu_experimental_xnn_fusion_type=dot`, `--xla_cpu_use_onednn`) and with NumPy's OpenBLAS, "
+        "14 ms in PyTorch; without YNNPACK (`--xla_cpu_experimental_ynn_fusion_type=dot`) XLA materialises "
+        "the multiply-reduce's [8, 32000, 512] product and is ~50x slower; two simulated devices splitting "
+        "the weights run one after the other, not on one core each. So the 3x and 2x targets need steps that "
+        "read the weights near the memory bandwidth, which this CPU's kernels do not: at batch 8, 3x "
+        "transformers' 226 tokens/s is 0.76 s a call, i.e. decode steps of ~10 ms after the prompt's 0.1 s, "
+        "against 13-20 ms measured (the host's load moves it that much).",
         "",
         f"Command: `{command}`",
         END,

@@ -111,28 +111,25 @@ def test_logits_of_every_decode_step_equal_a_full_forward(family):
         assert np.abs(out.logprobs[row] - logprobs).max() <= 1e-5
 
 
-@pytest.mark.parametrize("streaming_rows", [0, 1000], ids=["einsum", "multiply-reduce"])
 @pytest.mark.parametrize("variant, extra, switches", [("qwen2_bias", {}, (True, False, False)),
                                                      ("llama_tied", dict(attention_bias=True), (True, True, True))])
-def test_both_forms_of_the_one_token_step_equal_model_apply(variant, extra, switches, monkeypatch, streaming_rows,
-                                                            tmp_path):
-    """`step_forward` (both matmul forms; q/k/v bias, o bias, tied embeddings) against `model.apply`."""
+def test_the_one_token_step_equals_model_apply(variant, extra, switches, tmp_path):
+    """`step_forward` (q/k/v bias, o bias, tied embeddings) against `model.apply`."""
     save(variant, tmp_path, **extra)
     cfg, params = hf.load(tmp_path)
     assert (cfg.qkv_bias, cfg.out_bias, cfg.tie_word_embeddings) == switches
-    monkeypatch.setattr(sampler.step, "SMALL_BATCH", streaming_rows)  # read when tracing; jitted afresh below
     tokens, mask = np.array([[0, 0, 5, 9, 7], [4, 8, 6, 3, 11]]), np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     cache = model.init_cache(cfg, 2, 8)
     _, cache = model.apply(cfg, params, tokens, cache=cache, attention_mask=mask)
     new_tokens, positions = np.array([13, 17]), np.array([3, 5])
     expected, expected_cache = model.apply(cfg, params, new_tokens[:, None], positions[:, None], cache)
     layers = range(cfg.num_layers)
-    step = lambda *args: sampler.step_forward(cfg, *args)  # a new function: traced with the patch
+    step = lambda *args: sampler.step_forward(cfg, *args)
     per_layer = lambda stacked: tuple(stacked[i].transpose(0, 2, 1, 3) for i in layers)  # [B, K, S, D]
     args = (sampler.step_params(cfg, params), new_tokens, positions, per_layer(cache.keys),
             per_layer(cache.values), cache.key_positions, cache.index)
     matmuls = str(jax.make_jaxpr(step)(*args)).count("dot_general")
-    assert matmuls == 2 * cfg.num_layers + (0 if streaming_rows else 4 * cfg.num_layers + 1)  # + attention's
+    assert matmuls == 4 * cfg.num_layers + 1 + 2 * cfg.num_layers  # fused q/k/v and gate/up; + attention's
     logits, keys, values, key_positions = jax.jit(step)(*args)
     assert np.abs(logits - expected[:, 0]).max() <= 1e-5
     np.testing.assert_allclose(np.stack(keys), expected_cache.keys.transpose(0, 1, 3, 2, 4), atol=1e-5)

@@ -11,8 +11,6 @@ import jax.numpy as jnp
 from spacejax import model
 from spacejax.config import ModelConfig
 
-SMALL_BATCH = 32  # up to this many rows, XLA:CPU decode steps use the streaming form of `_dense`
-
 
 @functools.partial(jax.jit, static_argnums=0)
 def step_params(cfg: ModelConfig, params: dict) -> dict:
@@ -45,14 +43,7 @@ def step_params(cfg: ModelConfig, params: dict) -> dict:
 
 def _dense(x: jax.Array, kernel: jax.Array, dtype) -> jax.Array:
     """x [B, in] times kernel [out, in] -> [B, out] in `dtype`."""
-    x, kernel = x.astype(dtype), kernel.astype(dtype)
-    if jax.default_backend() == "cpu" and x.shape[0] <= SMALL_BATCH:
-        # A few rows: the step mostly streams the weights. XLA:CPU runs this multiply-reduce as one
-        # pass over the kernel on both cores: a decode step's matmuls ran 1.1-1.4x faster than with
-        # its dot at 8 to 32 rows on the benchmark model here, and tied at 48 and 64.
-        product = kernel[None].astype(jnp.float32) * x[:, None, :].astype(jnp.float32)
-        return jnp.sum(product, axis=-1).astype(dtype)
-    return jnp.einsum("bi,oi->bo", x, kernel)
+    return jnp.einsum("bi,oi->bo", x.astype(dtype), kernel.astype(dtype))
 
 
 def _rms_norm(cfg: ModelConfig, x: jax.Array, scale: jax.Array) -> jax.Array:
