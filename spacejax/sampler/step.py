@@ -14,8 +14,8 @@ from spacejax.config import ModelConfig
 
 @functools.partial(jax.jit, static_argnums=0)
 def step_params(cfg: ModelConfig, params: dict) -> dict:
-    """The params in the layout that one-token decode steps run fastest in (made once per `generate`,
-    one extra copy of the weights): layers unstacked (a scan over the stacked layers copies every
+    """The params in the layout that one-token decode steps run fastest in (made once per `generate`
+    call, or once by its caller: `generate(step_weights=...)`; one extra copy of the weights): layers unstacked (a scan over the stacked layers copies every
     layer's weights out at every step), q/k/v and gate/up fused into one matmul each, and every
     kernel stored [out, in]."""
     hidden = cfg.hidden_size
