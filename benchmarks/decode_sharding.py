@@ -20,7 +20,6 @@ import os
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
 import argparse  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
@@ -109,8 +108,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     results = run(args.batch, args.prompt_length, args.new_tokens, args.repeats)
     if args.write:
-        command = "python benchmarks/decode_sharding.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        report.write_section("decode_sharding", markdown(results, command.strip(), args.batch, args.prompt_length, args.new_tokens))
+        command = report.command_line(__file__, argv)
+        report.write_section("decode_sharding", markdown(results, command, args.batch, args.prompt_length, args.new_tokens))
 
 
 if __name__ == "__main__":

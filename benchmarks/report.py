@@ -1,6 +1,8 @@
 """benchmarks/BENCHMARKS.md: each benchmark script owns one section between its two marker lines
 and rewrites it in place with `--write`; the rest of the file is left as it is."""
 
+import os
+import sys
 from pathlib import Path
 
 BENCHMARKS_MD = Path(__file__).parent / "BENCHMARKS.md"
@@ -9,6 +11,18 @@ BENCHMARKS_MD = Path(__file__).parent / "BENCHMARKS.md"
 def markers(name: str) -> tuple[str, str]:
     """The HTML comments that open and close section `name`."""
     return f"<!-- {name}: begin -->", f"<!-- {name}: end -->"
+
+
+def load_average() -> float:
+    """The 1-minute load average before a run, printed: other tenants' work shows in every figure."""
+    load = os.getloadavg()[0]
+    print(f"1-minute load average before the run: {load:.2f}", flush=True)
+    return load
+
+
+def command_line(script: str, argv=None) -> str:
+    """The command that ran benchmarks/`script` with `argv` (default: this process's arguments)."""
+    return " ".join(["python", f"benchmarks/{Path(script).name}", *(sys.argv[1:] if argv is None else argv)])
 
 
 def write_section(name: str, section: str) -> None:

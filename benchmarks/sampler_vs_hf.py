@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import tempfile
 import time
 
@@ -182,12 +181,11 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--write", action="store_true", help=f"update {report.BENCHMARKS_MD.name}")
     args = parser.parse_args(argv)
-    load = os.getloadavg()[0]
-    print(f"1-minute load average before the run: {load:.2f}", flush=True)
+    load = report.load_average()
     results, limits = run(args.batch_sizes, args.prompt_length, args.new_tokens, args.repeats)
     if args.write:
-        command = "python benchmarks/sampler_vs_hf.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        report.write_section("sampler_vs_hf", markdown(results, limits, command.strip(), args.prompt_length, args.new_tokens, args.repeats, load))
+        command = report.command_line(__file__, argv)
+        report.write_section("sampler_vs_hf", markdown(results, limits, command, args.prompt_length, args.new_tokens, args.repeats, load))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import tempfile
 import time
 
@@ -301,12 +300,11 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--write", action="store_true", help=f"update {report.BENCHMARKS_MD.name}")
     args = parser.parse_args(argv)
-    load = os.getloadavg()[0]
-    print(f"1-minute load average before the run: {load:.2f}", flush=True)
+    load = report.load_average()
     result = run(args.repeats)
     if args.write:
-        command = "python benchmarks/train_vs_torch.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        report.write_section("train_vs_torch", markdown(result, command.strip(), args.repeats, load))
+        command = report.command_line(__file__, argv)
+        report.write_section("train_vs_torch", markdown(result, command, args.repeats, load))
 
 
 if __name__ == "__main__":
