@@ -307,6 +307,9 @@ def test_step_weights_made_once_give_the_same_rows(tiny):
         out = sample_tiny(tiny, prompts, batch_size=4, step_weights=weights)
         np.testing.assert_array_equal(out.tokens, reference.tokens)
         np.testing.assert_array_equal(out.logprobs, reference.logprobs)
+    # the decode steps run on the weights passed, not on a layout of `params` made behind them
+    other = sampler.step_params(cfg, jax.tree.map(lambda leaf: -leaf, params))
+    assert (sample_tiny(tiny, prompts, batch_size=4, step_weights=other).tokens != reference.tokens).any()
     cut = {**weights, "lm_head": weights["lm_head"][:64]}  # as if made for a smaller vocabulary
     with pytest.raises(ValueError, match=r"step_weights\['lm_head'\] has shape \(64, 64\), step_params"):
         sample_tiny(tiny, prompts, batch_size=4, step_weights=cut)
