@@ -27,6 +27,7 @@ lookup, so not counted; the output projection is).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import tempfile
@@ -141,11 +142,10 @@ def torch_matmul(a, b) -> None:
 def jax_parts(cfg):
     """(jitted train step with the state donated, jitted scoring, initial state factory)."""
     train_cfg = TrainConfig(learning_rate=LEARNING_RATE, schedule="constant", warmup_ratio=0.0, max_grad_norm=1.0)
-    schedule = train.learning_rate_schedule(train_cfg, 1)
-    optimizer = train.make_optimizer(train_cfg, schedule)
-    objective = train.pair_objective(cfg, LossConfig(kind="spin", beta=BETA))
-    step = jax.jit(train.make_train_step(objective, optimizer, schedule), donate_argnums=0)
-    return step, train.make_score_fn(cfg), lambda params: train.create_state(params, optimizer)
+    hyper = train.hyperparameters(train_cfg, 1, train.loss_hyperparameters(LossConfig(kind="spin", beta=BETA)))
+    step = jax.jit(train.make_train_step(train.pair_objective(cfg, "spin"), train_cfg), donate_argnums=0)
+    return (functools.partial(step, hyper=hyper), train.make_score_fn(cfg),
+            lambda params: train.create_state(params, train_cfg))
 
 
 def jax_step(step, state, batch):

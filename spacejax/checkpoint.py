@@ -115,6 +115,7 @@ class TrainCheckpoints:
     """
 
     def __init__(self, phase_dir, keep: int):
+        self.directory = Path(phase_dir).absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=True)
         self.manager = ocp.CheckpointManager(Path(phase_dir).absolute() / "train", options=options)

@@ -245,6 +245,10 @@ class SelfPlayConfig:
     sft_learning_rate: float = 1e-3
     eval_kl_samples: int = 2000  # known-truth task: responses drawn from p_data to estimate the KL
     from_iteration: tuple[str, ...] = ()
+    # What every phase is judged by (selfplay.evaluators.EVALUATORS): held-out NLL ("nll"), the loss
+    # and rewards on held-out pairs ("pairs"), KL(p_data || p_theta) on the known-truth task ("kl").
+    # null: nll, pairs, and kl where the task has a known p_data.
+    evaluators: Optional[tuple[str, ...]] = None
 
     def __post_init__(self):
         positive("selfplay", self, "iterations", "sft_learning_rate", "eval_kl_samples")
@@ -377,6 +381,20 @@ def _set_dotted(data: dict, key: str, value) -> None:
             raise ConfigError(f"override {key}: {'.'.join(sections[:i + 1])} is not a section")
         data = node
     data[last] = value
+
+
+def differences(old, new, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two configs of one dataclass type, compared by
+    value (so 1e-3 and 0.001 are the same, and a field an older spacejax did not write, read back
+    at its default, differs only if the new config sets it otherwise)."""
+    keys = []
+    for field in dataclasses.fields(old):
+        a, b = getattr(old, field.name), getattr(new, field.name)
+        if dataclasses.is_dataclass(a) and dataclasses.is_dataclass(b):
+            keys += differences(a, b, f"{prefix}{field.name}.")
+        elif a != b:
+            keys.append(prefix + field.name)
+    return keys
 
 
 def dump(config: RunConfig) -> str:

@@ -70,6 +70,19 @@ class Pairs:
         return Pairs(*[[getattr(self, f.name)[i] for i in index] if isinstance(getattr(self, f.name), list)
                        else getattr(self, f.name)[index] for f in dataclasses.fields(self)])
 
+    @property
+    def train(self) -> "Pairs":
+        return self.select(self.split == "train")
+
+    @property
+    def eval(self) -> "Pairs":
+        return self.select(self.split == "eval")
+
+    @property
+    def new(self) -> "Pairs":
+        """The pairs made this iteration (not mixed in from the previous one)."""
+        return self.select(self.origin == "new")
+
     def as_origin(self, origin: str) -> "Pairs":
         return dataclasses.replace(self, origin=np.full(len(self), origin))
 

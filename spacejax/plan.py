@@ -71,7 +71,6 @@ from typing import Optional
 
 import jax
 import numpy as np
-import optax
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
 from spacejax import model, sharding, train
@@ -134,9 +133,8 @@ def param_shardings(model_cfg: ModelConfig, mesh):
 def state_shardings(cfg: RunConfig, mesh):
     """(abstract TrainState, its shardings), as the loop places it (train.state_shardings)."""
     shapes, shardings = param_shardings(cfg.model, mesh)
-    optimizer = train.make_optimizer(cfg.train, optax.constant_schedule(cfg.train.learning_rate))
-    state = jax.eval_shape(lambda p: train.create_state(p, optimizer), shapes)
-    return state, train.state_shardings(optimizer, shapes, shardings, NamedSharding(mesh, PartitionSpec()))
+    state = jax.eval_shape(lambda p: train.create_state(p, cfg.train), shapes)
+    return state, train.state_shardings(cfg.train, shapes, shardings, NamedSharding(mesh, PartitionSpec()))
 
 
 def tree_bytes(shapes, shardings) -> int:

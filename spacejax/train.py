@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 
@@ -26,7 +27,7 @@ from spacejax.config import LossConfig, ModelConfig, TrainConfig
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
-Objective = Callable[[Any, Batch], tuple[jax.Array, Metrics]]
+Objective = Callable[[Any, Batch, dict], tuple[jax.Array, Metrics]]  # (params, batch, loss hyperparameters)
 
 RMSPROP_DECAY = 0.99  # PyTorch's RMSprop alpha, which SPIN's recipe uses
 RMSPROP_EPS = 1e-8  # added outside the square root, as PyTorch does
@@ -38,27 +39,70 @@ class TrainState:
     params: Any
     opt_state: Any
     nonfinite_in_a_row: jax.Array  # [] int32, consecutive steps skipped for a non-finite loss
+    first_loss: jax.Array  # [] float32, the loss of the phase's first step (NaN before it)
+    last_loss: jax.Array  # [] float32, the loss of the latest step
 
 
-def learning_rate_schedule(cfg: TrainConfig, total_steps: int, peak: float | None = None) -> optax.Schedule:
-    """Linear warmup over `warmup_ratio` of the steps from 0 to `peak`, then linear decay to 0,
-    cosine decay to 0, or constant (Hugging Face's `get_*_schedule_with_warmup`)."""
-    peak = cfg.learning_rate if peak is None else peak
+@struct.dataclass
+class Hyperparameters:
+    """What may change from one phase to the next without recompiling: inputs of the jitted step.
+
+    learning_rate: [] float32, the schedule's peak; warmup_steps, decay_steps: [] int32, the
+    schedule's shape over the phase's steps; loss: {name: [] float32}, the loss's hyperparameters
+    (`loss_hyperparameters`)."""
+
+    learning_rate: jax.Array
+    warmup_steps: jax.Array
+    decay_steps: jax.Array
+    loss: dict
+
+
+def hyperparameters(cfg: TrainConfig, total_steps: int, loss: dict | None = None,
+                    peak: float | None = None) -> Hyperparameters:
+    """The Hyperparameters of a phase of `total_steps` steps: linear warmup over `warmup_ratio` of
+    them, then the decay of `cfg.schedule` over the rest; `peak` defaults to cfg.learning_rate."""
     warmup = int(cfg.warmup_ratio * total_steps)
-    decay_steps = max(total_steps - warmup, 1)
-    after = {
-        "linear": optax.linear_schedule(peak, 0.0, decay_steps),
-        "cosine": optax.cosine_decay_schedule(peak, decay_steps),
-        "constant": optax.constant_schedule(peak),
-    }[cfg.schedule]
-    if warmup == 0:
-        return after
-    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+    return Hyperparameters(
+        learning_rate=np.float32(cfg.learning_rate if peak is None else peak), warmup_steps=np.int32(warmup),
+        decay_steps=np.int32(max(total_steps - warmup, 1)),
+        loss={name: np.float32(value) for name, value in (loss or {}).items()})
 
 
-def make_optimizer(cfg: TrainConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
+def _linear(count, init_value, end_value, steps):
+    """optax.linear_schedule with a traced number of steps, in the form XLA gives it when the steps
+    are a constant (a multiply by the float32 reciprocal), so that both round alike."""
+    count = jnp.clip(count, 0, steps)
+    return (init_value - end_value) * (1 - count * (1 / steps.astype(jnp.float32))) + end_value
+
+
+def learning_rate_schedule(kind: str, hyper: Hyperparameters) -> optax.Schedule:
+    """count -> learning rate: linear warmup from 0 to the peak over `warmup_steps`, then linear
+    decay to 0, cosine decay to 0, or constant (Hugging Face's `get_*_schedule_with_warmup`).
+    The arithmetic is optax's `linear_schedule`, `cosine_decay_schedule` and `join_schedules`, with
+    the peak and the lengths traced."""
+    peak, warmup, decay_steps = hyper.learning_rate, hyper.warmup_steps, hyper.decay_steps
+
+    def after_warmup(count):
+        if kind == "linear":
+            return _linear(count, peak, 0.0, decay_steps)
+        if kind == "cosine":
+            # optax's peak * 0.5 * (1 + cos(pi * count / steps)) (alpha 0, exponent 1), in the form
+            # XLA gives it when peak and steps are constants, so both round alike.
+            steps = decay_steps.astype(jnp.float32)
+            return (1 + jnp.cos(jnp.minimum(count, steps) * (jnp.float32(jnp.pi) / steps))) * (0.5 * peak)
+        return peak
+
+    def schedule(count):
+        return jnp.where(count < warmup, _linear(count, 0.0, peak, warmup), after_warmup(count - warmup))
+
+    return schedule
+
+
+def make_optimizer(cfg: TrainConfig, schedule: optax.Schedule, trainable=None) -> optax.GradientTransformation:
     """Global-norm clipping, then RMSprop without momentum (PyTorch's, as in SPIN's recipe; weight
-    decay added to the gradient) or AdamW (decoupled weight decay)."""
+    decay added to the gradient) or AdamW (decoupled weight decay). `trainable`: None, or a pytree
+    of bools like the params: the others get zero updates and no optimizer state, and the clipping
+    norm counts the trainable gradients only. The state's structure does not depend on `schedule`."""
     parts = [optax.clip_by_global_norm(cfg.max_grad_norm)] if cfg.max_grad_norm > 0 else []
     if cfg.optimizer == "rmsprop":
         if cfg.weight_decay:
@@ -66,22 +110,35 @@ def make_optimizer(cfg: TrainConfig, schedule: optax.Schedule) -> optax.Gradient
         parts.append(optax.rmsprop(schedule, decay=RMSPROP_DECAY, eps=RMSPROP_EPS, eps_in_sqrt=False))
     else:
         parts.append(optax.adamw(schedule, weight_decay=cfg.weight_decay))
-    return optax.chain(*parts)
+    optimizer = optax.chain(*parts)
+    if trainable is None:
+        return optimizer
+    labels = jax.tree.map(lambda keep: "trained" if keep else "frozen", trainable)
+    return optax.multi_transform({"trained": optimizer, "frozen": optax.set_to_zero()}, labels)
 
 
-def create_state(params, optimizer: optax.GradientTransformation) -> TrainState:
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                      nonfinite_in_a_row=jnp.zeros((), jnp.int32))
+def initial_optimizer(cfg: TrainConfig, trainable=None) -> optax.GradientTransformation:
+    """The optimizer of `cfg` for building (and placing) a state: any schedule gives the same state."""
+    return make_optimizer(cfg, optax.constant_schedule(0.0), trainable)
 
 
-def state_shardings(optimizer: optax.GradientTransformation, params_shapes, params_shardings,
-                    replicated) -> TrainState:
+def create_state(params, cfg: TrainConfig, trainable=None) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=initial_optimizer(cfg, trainable).init(params),
+                      nonfinite_in_a_row=jnp.zeros((), jnp.int32), first_loss=jnp.full((), jnp.nan, jnp.float32),
+                      last_loss=jnp.full((), jnp.nan, jnp.float32))
+
+
+def state_shardings(cfg: TrainConfig, params_shapes, params_shardings, replicated, trainable=None) -> TrainState:
     """Shardings of a TrainState: optimizer leaves shaped like params are sharded like them (so an
     fsdp-sharded model keeps an fsdp-sharded optimizer state), the rest (counts) `replicated`."""
-    state = jax.eval_shape(lambda params: create_state(params, optimizer), params_shapes)
-    opt_state = optax.tree_map_params(optimizer, lambda _, sharding: sharding, state.opt_state, params_shardings,
-                                      transform_non_params=lambda _: replicated)
-    return TrainState(step=replicated, params=params_shardings, opt_state=opt_state, nonfinite_in_a_row=replicated)
+    state = jax.eval_shape(lambda params: create_state(params, cfg, trainable), params_shapes)
+    frozen = lambda leaf: isinstance(leaf, optax.MaskedNode)  # noqa: E731 - no state for a frozen param
+    opt_state = optax.tree_map_params(initial_optimizer(cfg, trainable),
+                                      lambda leaf, sharding: leaf if frozen(leaf) else sharding, state.opt_state,
+                                      params_shardings, transform_non_params=lambda _: replicated, is_leaf=frozen)
+    return TrainState(step=replicated, params=params_shardings, opt_state=opt_state, nonfinite_in_a_row=replicated,
+                      first_loss=replicated, last_loss=replicated)
 
 
 # ----------------------------------------------------------------------------------- objectives
@@ -111,37 +168,35 @@ def pair_logps(model_cfg: ModelConfig, params, batch: Batch):
             losses.target_counts(batch["real_loss_mask"]), losses.target_counts(batch["generated_loss_mask"]))
 
 
-def configured_loss(cfg: LossConfig) -> Callable:
-    """The registered loss of `cfg.kind` with the hyperparameters of `cfg` it understands."""
-    fn = losses.get_loss(cfg.kind)
+def loss_hyperparameters(cfg: LossConfig) -> dict[str, float]:
+    """The numeric hyperparameters of `cfg.kind` with `cfg`'s values ({} for sft): what the step
+    takes as traced inputs. A null `beta` is the loss's own default."""
     known = losses.hyperparameters(cfg.kind)
-    kwargs = {}
-    if "mu" in known:
-        kwargs["mu"] = cfg.mu
-    if "beta" in known and cfg.beta is not None:
-        kwargs["beta"] = cfg.beta
-    if "label_smoothing" in known:
-        kwargs["label_smoothing"] = cfg.label_smoothing
-    return lambda *logps, **counts: fn(*logps, **kwargs, **counts)
+    values = {"mu": cfg.mu, "beta": known.get("beta") if cfg.beta is None else cfg.beta,
+              "label_smoothing": cfg.label_smoothing}
+    return {name: float(values[name]) for name in ("mu", "beta", "label_smoothing") if name in known}
 
 
-def pair_objective(model_cfg: ModelConfig, loss_cfg: LossConfig) -> Objective:
-    """Mean self-play loss of a pair batch, with the loss's metrics."""
-    loss_fn = configured_loss(loss_cfg)
+def pair_objective(model_cfg: ModelConfig, kind: str) -> Objective:
+    """(params, batch, loss hyperparameters) -> mean self-play loss of loss `kind` over a pair
+    batch, with the loss's metrics. The hyperparameters (`loss_hyperparameters`) may be traced."""
+    loss_fn = losses.get_loss(kind)
 
-    def objective(params, batch):
+    def objective(params, batch, loss_hyper):
         real, generated, real_counts, generated_counts = pair_logps(model_cfg, params, batch)
         per_pair, metrics = loss_fn(real, generated, batch["opponent_real_logps"], batch["opponent_generated_logps"],
-                                    real_token_counts=real_counts, generated_token_counts=generated_counts)
+                                    **loss_hyper, real_token_counts=real_counts, generated_token_counts=generated_counts)
         return jnp.mean(per_pair), metrics
 
     return objective
 
 
 def sft_objective(model_cfg: ModelConfig) -> Objective:
-    """Token-mean negative log-likelihood of the real responses (the SFT warm-up)."""
+    """Token-mean negative log-likelihood of the real responses (the SFT warm-up; it has no
+    hyperparameters)."""
 
-    def objective(params, batch):
+    def objective(params, batch, loss_hyper):
+        del loss_hyper
         logps, counts = sequence_logps(model_cfg, params, batch["real_tokens"], batch["real_loss_mask"],
                                        batch["real_attention_mask"])
         loss = -jnp.sum(logps) / jnp.maximum(jnp.sum(counts), 1.0)
@@ -158,28 +213,33 @@ def _micro_batches(batch: Batch, count: int) -> Batch:
     return jax.tree.map(lambda x: x.reshape(count, x.shape[0] // count, *x.shape[1:]), batch)
 
 
-def make_train_step(objective: Objective, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-                    grad_accum_steps: int = 1) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-    """(state, batch) -> (state, metrics), not yet jitted. The batch is split into
-    `grad_accum_steps` micro-batches whose gradients and metrics are averaged. A step whose loss,
-    gradient or updated params are not finite leaves params and optimizer state unchanged and
-    is counted in `nonfinite_in_a_row`."""
+def make_train_step(objective: Objective, cfg: TrainConfig, trainable=None) -> Callable[
+        [TrainState, Batch, Hyperparameters], tuple[TrainState, Metrics]]:
+    """(state, batch, hyperparameters) -> (state, metrics), not yet jitted. The learning-rate
+    schedule and the loss's hyperparameters come from `hyperparameters`, so one compiled step
+    serves every phase of the same optimizer, batch shape and loss kind. The batch is split into
+    `cfg.grad_accum_steps` micro-batches whose gradients and metrics are averaged. A step whose
+    loss, gradient or updated params are not finite leaves params and optimizer state unchanged
+    and is counted in `nonfinite_in_a_row`. `trainable`: see `make_optimizer`."""
     value_and_grad = jax.value_and_grad(objective, has_aux=True)
+    accum_steps = cfg.grad_accum_steps
 
-    def accumulate(params, batch):
+    def accumulate(params, batch, loss_hyper):
         def body(carry, micro):
-            (loss, metrics), grads = value_and_grad(params, micro)
+            (loss, metrics), grads = value_and_grad(params, micro, loss_hyper)
             return jax.tree.map(jnp.add, carry, (loss, metrics, grads)), None
 
-        micro = _micro_batches(batch, grad_accum_steps)
+        micro = _micro_batches(batch, accum_steps)
         first = jax.tree.map(lambda x: x[0], micro)
-        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(value_and_grad, params, first))
+        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(value_and_grad, params, first, loss_hyper))
         (loss, metrics), grads = zeros
         (loss, metrics, grads), _ = jax.lax.scan(body, (loss, metrics, grads), micro)
-        return jax.tree.map(lambda x: x / grad_accum_steps, (loss, metrics, grads))
+        return jax.tree.map(lambda x: x / accum_steps, (loss, metrics, grads))
 
-    def step(state: TrainState, batch: Batch):
-        loss, metrics, grads = accumulate(state.params, batch)
+    def step(state: TrainState, batch: Batch, hyper: Hyperparameters):
+        schedule = learning_rate_schedule(cfg.schedule, hyper)
+        optimizer = make_optimizer(cfg, schedule, trainable)
+        loss, metrics, grads = accumulate(state.params, batch, hyper.loss)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -187,7 +247,8 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         new_state = TrainState(
             step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
-            nonfinite_in_a_row=jnp.where(finite, 0, state.nonfinite_in_a_row + 1))
+            nonfinite_in_a_row=jnp.where(finite, 0, state.nonfinite_in_a_row + 1),
+            first_loss=jnp.where(state.step == 0, loss, state.first_loss), last_loss=loss)
         metrics = {**metrics, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
                    "nonfinite": (~finite).astype(jnp.float32)}
         return new_state, metrics

@@ -43,7 +43,13 @@ def test_curves_json_holds_every_run_with_a_shared_theta0(bench_out):
             its = sorted(r["iteration"] for r in curves["records"]
                          if r["record"] == "eval" and (r["method"], r["seed"]) == (method, seed))
             assert its == [-1, 0]
-            assert (bench_out / f"seed_{seed}" / bench.parse_method(method).dirname / "sft" / "DONE").exists()
+    for seed in SEEDS:  # the first method trained theta_0; the others started from its params
+        first = bench_out / f"seed_{seed}" / bench.parse_method(METHODS[0]).dirname
+        assert (first / "sft" / "DONE").exists()
+        for method in METHODS[1:]:
+            workdir = bench_out / f"seed_{seed}" / bench.parse_method(method).dirname
+            assert config.load(workdir / "config.yaml").init_from == str(first / "sft" / "final")
+            assert not (workdir / "sft").exists()
 
 
 def test_first_step_loss_is_the_constant_of_paper(bench_out):

@@ -83,9 +83,7 @@ def measured_bytes(compiled) -> int:
 
 
 def compile_train_step(cfg: RunConfig, mesh):
-    """The jitted step of selfplay.Run.steps, with the state sharded as the planner assumes."""
-    schedule = train.learning_rate_schedule(cfg.train, 100)
-    optimizer = train.make_optimizer(cfg.train, schedule)
+    """The jitted step of the trainer, with the state sharded as the planner assumes."""
     state, state_shardings = plan.state_shardings(cfg, mesh)
     state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state, state_shardings)
     b, k, length = cfg.train.batch_size, cfg.sampler.num_samples, cfg.data.max_length
@@ -96,10 +94,10 @@ def compile_train_step(cfg: RunConfig, mesh):
     batch = {f"real_{n}": rows(b, length) for n in ("tokens", "loss_mask", "attention_mask")}
     batch.update({f"generated_{n}": rows(b, k, length) for n in ("tokens", "loss_mask", "attention_mask")})
     batch.update(opponent_real_logps=rows(b, dtype=jnp.float32), opponent_generated_logps=rows(b, k, dtype=jnp.float32))
-    step = train.make_train_step(train.pair_objective(cfg.model, cfg.loss), optimizer, schedule,
-                                 cfg.train.grad_accum_steps)
-    with jax.set_mesh(mesh):  # as selfplay.Run runs it: activations split over the batch axes
-        return jax.jit(step, donate_argnums=0).lower(state, batch).compile()
+    step = train.make_train_step(train.pair_objective(cfg.model, cfg.loss.kind), cfg.train)
+    hyper = train.hyperparameters(cfg.train, 100, train.loss_hyperparameters(cfg.loss))
+    with jax.set_mesh(mesh):  # as the self-play loop runs it: activations split over the batch axes
+        return jax.jit(step, donate_argnums=0).lower(state, batch, hyper).compile()
 
 
 def compile_score(cfg: RunConfig, mesh):
@@ -108,7 +106,7 @@ def compile_score(cfg: RunConfig, mesh):
     rows = jax.ShapeDtypeStruct((cfg.sampler.batch_size, cfg.data.max_length), jnp.int32,
                                 sharding=sharding.batch_sharding(mesh, 2))
     score = train.make_score_fn(cfg.model, out_shardings=sharding.replicated(mesh))
-    with jax.set_mesh(mesh):  # as selfplay.Run runs it: activations split over the batch axes
+    with jax.set_mesh(mesh):  # as the self-play loop runs it: activations split over the batch axes
         return score.lower(params, rows, rows, rows).compile()
 
 

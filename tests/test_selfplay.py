@@ -18,7 +18,8 @@ import pytest
 
 import orbax.checkpoint as ocp
 
-from spacejax import assets, checkpoint, cli, config, hf, losses, metrics, selfplay, toy, train
+from spacejax import assets, checkpoint, cli, config, hf, losses, metrics, selfplay, sharding, toy
+from spacejax.scoring import Scorer
 from spacejax.pairs import Pairs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,10 +81,12 @@ def test_space_run_saves_samples_with_opponent_logps(space_run):
     assert set(pairs.split) == {"train", "eval"}
     assert np.all(np.isfinite(pairs.opponent_real_logps)) and np.all(pairs.opponent_generated_logps < 0)
     # the opponent of iteration 1 is the final params of iteration 0: its scores are reproducible
-    run = selfplay.Run(load("tiny_space.yaml", *SMALL, "sampler.num_samples=2"), space_run)
-    run.model_cfg = checkpoint.load_config(space_run / "iter_000" / "final")
-    run.score = train.make_score_fn(run.model_cfg)
-    real, generated = run.opponent_logps(run.load_final(space_run / "iter_000"), pairs)
+    cfg = load("tiny_space.yaml", *SMALL, "sampler.num_samples=2")
+    mesh = sharding.make_mesh(cfg.mesh)
+    model_cfg, opponent = checkpoint.load_params(space_run / "iter_000" / "final")
+    opponent = jax.device_put(opponent, selfplay.param_shardings(model_cfg, mesh))
+    scorer = Scorer(model_cfg, mesh, cfg.sampler.batch_size)
+    real, generated = selfplay.opponent_logps(scorer, opponent, pairs, cfg.data, toy.PAD)
     np.testing.assert_allclose(real, pairs.opponent_real_logps, atol=1e-5)
     np.testing.assert_allclose(generated, pairs.opponent_generated_logps, atol=1e-5)
 

@@ -1,6 +1,7 @@
 """The optimizer and schedule against PyTorch / transformers, and the jitted train step."""
 
 import dataclasses
+import functools
 from unittest import mock
 
 import jax
@@ -22,7 +23,7 @@ MODEL = ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=48, num_lay
 def test_schedule_equals_transformers(schedule):
     cfg = TrainConfig(learning_rate=1e-3, warmup_ratio=0.1, schedule=schedule)
     total = 50
-    ours = train.learning_rate_schedule(cfg, total)
+    ours = train.learning_rate_schedule(schedule, train.hyperparameters(cfg, total))
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
     reference = transformers.get_scheduler(
         {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[schedule],
@@ -76,12 +77,10 @@ def pair_batch(batch_size=8, k=2, length=12, seed=0):
 
 def run_step(batch, grad_accum_steps, loss=LossConfig(kind="space", mu=2.0)):
     cfg = TrainConfig(learning_rate=1e-2, grad_accum_steps=grad_accum_steps, batch_size=8)
-    schedule = train.learning_rate_schedule(cfg, 10)
-    optimizer = train.make_optimizer(cfg, schedule)
     params = model.init(MODEL, jax.random.key(0))
-    state = train.create_state(params, optimizer)
-    step = jax.jit(train.make_train_step(train.pair_objective(MODEL, loss), optimizer, schedule, grad_accum_steps))
-    return step(state, batch)
+    state = train.create_state(params, cfg)
+    step = jax.jit(train.make_train_step(train.pair_objective(MODEL, loss.kind), cfg))
+    return step(state, batch, train.hyperparameters(cfg, 10, train.loss_hyperparameters(loss)))
 
 
 def test_gradient_accumulation_one_by_eight_equals_eight_by_one():
@@ -119,10 +118,9 @@ def test_first_step_loss_is_the_constant_when_policy_is_the_opponent():
 
 def test_non_finite_step_is_skipped_and_counted_then_training_goes_on():
     cfg = TrainConfig(learning_rate=1e-2, batch_size=8)
-    schedule = train.learning_rate_schedule(cfg, 10)
-    optimizer = train.make_optimizer(cfg, schedule)
-    state = train.create_state(model.init(MODEL, jax.random.key(0)), optimizer)
-    step = jax.jit(train.make_train_step(train.pair_objective(MODEL, LossConfig()), optimizer, schedule))
+    state = train.create_state(model.init(MODEL, jax.random.key(0)), cfg)
+    hyper = train.hyperparameters(cfg, 10, train.loss_hyperparameters(LossConfig()))
+    step = functools.partial(jax.jit(train.make_train_step(train.pair_objective(MODEL, "space"), cfg)), hyper=hyper)
     good = pair_batch()
     poisoned = dict(good, opponent_real_logps=np.full(8, np.nan, np.float32))
 
@@ -143,7 +141,7 @@ def test_non_finite_step_is_skipped_and_counted_then_training_goes_on():
 def test_sft_objective_is_the_token_mean_nll():
     batch = pair_batch()
     params = model.init(MODEL, jax.random.key(0))
-    loss, _ = train.sft_objective(MODEL)(params, jax.tree.map(jnp.asarray, batch))
+    loss, _ = train.sft_objective(MODEL)(params, jax.tree.map(jnp.asarray, batch), {})
     logits, _ = model.apply(MODEL, params, batch["real_tokens"], attention_mask=batch["real_attention_mask"])
     logp = np.asarray(jax.nn.log_softmax(logits))
     nll, count = 0.0, 0
@@ -155,14 +153,48 @@ def test_sft_objective_is_the_token_mean_nll():
     assert float(loss) == pytest.approx(nll / count, rel=1e-5)
 
 
-def test_configured_loss_passes_only_known_hyperparameters():
-    space = train.configured_loss(LossConfig(kind="space", mu=3.0, beta=None))
+def test_loss_hyperparameters_are_only_the_known_ones_with_defaults_for_a_null_beta():
+    assert train.loss_hyperparameters(LossConfig(kind="space", mu=3.0, beta=None)) == {"mu": 3.0, "beta": 1.0}
+    assert train.loss_hyperparameters(LossConfig(kind="spin")) == {"beta": 0.1}
+    assert train.loss_hyperparameters(LossConfig(kind="dpo", beta=0.5, label_smoothing=0.1)) == {
+        "beta": 0.5, "label_smoothing": pytest.approx(0.1)}
+    assert train.loss_hyperparameters(dataclasses.replace(LossConfig(kind="sft"), mu=5.0)) == {}
     zeros = jnp.zeros(4)
-    loss, _ = space(zeros, zeros, zeros, zeros)
+    loss, _ = losses.space_loss(zeros, zeros, zeros, zeros, **train.loss_hyperparameters(LossConfig(mu=3.0)))
     assert float(loss[0]) == pytest.approx(4 * np.log(4) - 3 * np.log(3), abs=1e-6)
-    sft = train.configured_loss(dataclasses.replace(LossConfig(kind="sft"), mu=5.0))
-    loss, _ = sft(-jnp.ones(4), zeros, zeros, zeros)
-    assert float(loss[0]) == 1.0
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
+def test_traced_schedule_equals_optax_bitwise(schedule):
+    """The schedule with a traced peak and length computes what optax's schedules with Python
+    constants compute, to the bit, at every step (so a run's learning rates did not change)."""
+    cfg = TrainConfig(learning_rate=3e-4, warmup_ratio=0.1, schedule=schedule)
+    total, warmup = 128, 12  # 1/12 and 1/116 are inexact in float32
+    after = {"linear": optax.linear_schedule(3e-4, 0.0, total - warmup),
+             "cosine": optax.cosine_decay_schedule(3e-4, total - warmup),
+             "constant": optax.constant_schedule(3e-4)}[schedule]
+    reference = optax.join_schedules([optax.linear_schedule(0.0, 3e-4, warmup), after], [warmup])
+    traced = jax.jit(lambda count, hyper: train.learning_rate_schedule(schedule, hyper)(count))
+    steps = jnp.arange(total + 2, dtype=jnp.int32)
+    ours = jax.vmap(traced, in_axes=(0, None))(steps, train.hyperparameters(cfg, total))
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(jax.vmap(jax.jit(reference))(steps)))
+
+
+def test_one_compiled_step_serves_other_learning_rates_schedule_lengths_and_loss_hyperparameters():
+    cfg = TrainConfig(learning_rate=1e-2, batch_size=8)
+    step = jax.jit(train.make_train_step(train.pair_objective(MODEL, "dpo"), cfg))
+    params = model.init(MODEL, jax.random.key(0))
+    batch = pair_batch()
+    results = []
+    for peak, total, beta in ((1e-2, 10, 0.1), (1e-3, 30, 2.0)):
+        hyper = train.hyperparameters(cfg, total, {"beta": beta, "label_smoothing": 0.0}, peak=peak)
+        state = train.create_state(params, cfg)
+        for _ in range(2):
+            state, step_metrics = step(state, batch, hyper)
+        results.append((float(step_metrics["learning_rate"]), float(step_metrics["loss"])))
+    assert step._cache_size() == 1
+    assert results[0][0] == pytest.approx(1e-2 * 1 / 1) and results[1][0] == pytest.approx(1e-3 * 1 / 3)
+    assert results[0][1] != results[1][1]
 
 
 def test_loss_gradient_holds_at_most_one_full_float32_logits_tensor():
@@ -186,8 +218,8 @@ def test_loss_gradient_holds_at_most_one_full_float32_logits_tensor():
 
     def temporaries(sequence_logps) -> int:
         with mock.patch.object(train, "sequence_logps", sequence_logps):
-            objective = train.pair_objective(cfg, LossConfig(kind="spin"))
-            compiled = jax.jit(jax.grad(lambda p, b: objective(p, b)[0])).lower(params, batch).compile()
+            objective = train.pair_objective(cfg, "spin")
+            compiled = jax.jit(jax.grad(lambda p, b: objective(p, b, {"beta": 0.1})[0])).lower(params, batch).compile()
         analysis = compiled.memory_analysis()
         if analysis is None:
             pytest.skip("this backend reports no memory analysis")

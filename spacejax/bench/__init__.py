@@ -6,10 +6,10 @@
 
 from spacejax.bench import throughput
 from spacejax.bench.curves import (DEFAULT_METHODS, EVAL_KEYS, STEP_KEYS, STEP_PLOTS, Method, collect, describe,
-                                   kl_table, methods_in_order, parse_method, plot, plot_workdirs, share_theta0,
+                                   kl_table, methods_in_order, parse_method, plot, plot_workdirs,
                                    stability, summary, write)
 from spacejax.bench.throughput import measure_matmul_peak, measure_memory_bandwidth
 
 __all__ = ["DEFAULT_METHODS", "EVAL_KEYS", "STEP_KEYS", "STEP_PLOTS", "Method", "collect", "describe", "kl_table",
            "measure_matmul_peak", "measure_memory_bandwidth", "methods_in_order", "parse_method", "plot",
-           "plot_workdirs", "share_theta0", "stability", "summary", "throughput", "write"]
+           "plot_workdirs", "stability", "summary", "throughput", "write"]

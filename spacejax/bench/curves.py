@@ -10,9 +10,9 @@ shared theta_0 on the task with known truth, over several seeds, through the rea
     DIR/summary.md            KL per iteration (mean, sd), monotonicity, best iteration per method
 
 theta_0 is shared: for each seed the first method runs the SFT warm-up (workdir/sft/, iteration -1);
-every other method of that seed gets a copy of that sft/ phase (and its metrics records), which the
-loop loads instead of training it again. So every method's curve starts at the same KL, and every
-method directory is a complete run that `spacejax train` would resume and `spacejax plot` can read.
+every other method of that seed starts from its params (`init_from: <first>/sft/final`, no SFT of its
+own), and its curve takes theta_0's evaluation from that run. So every method's curve starts at the
+same KL, and every method directory is a run that `spacejax train` resumes and `spacejax plot` reads.
 
 A method is written `KIND[:KEY=VALUE]...`: KIND is a registered loss (losses.LOSSES), a bare KEY is
 a `loss.` field (`spin:beta=0.1`, `space:mu=2`, `dpo:beta=0.1:label_smoothing=0.1`), a dotted KEY
@@ -24,14 +24,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
-from spacejax import checkpoint, config, losses, metrics, selfplay
+from spacejax import config, losses, metrics, selfplay
 
 
 DEFAULT_METHODS = ("spin:beta=0.1", "spin:beta=0.5", "spin:beta=1", "space:mu=0.5", "space:mu=1",
@@ -101,8 +100,12 @@ def stability(config_path, out, seeds: int = 5, methods: Sequence[str] = DEFAULT
         method = parse_method(spec)
         per_seed = {seed: config.load(config_path, [*overrides, *method.overrides, f"seed={seed}"])
                     for seed in range(first_seed, first_seed + seeds)}
+        if parsed:  # from the first method's theta_0
+            per_seed = {seed: dataclasses.replace(
+                cfg, init_from=str(out / f"seed_{seed}" / parsed[0].dirname / "sft" / "final"),
+                selfplay=dataclasses.replace(cfg.selfplay, sft_epochs=0)) for seed, cfg in per_seed.items()}
         for cfg in per_seed.values():
-            if not cfg.selfplay.sft_epochs:
+            if not parsed and not cfg.selfplay.sft_epochs:
                 raise config.ConfigError("selfplay.sft_epochs must be > 0: the benchmark starts every method "
                                          "from the same SFT warm-up theta_0")
             selfplay.check(cfg)
@@ -114,13 +117,8 @@ def stability(config_path, out, seeds: int = 5, methods: Sequence[str] = DEFAULT
     out.mkdir(parents=True, exist_ok=True)
     runs, seconds = [], {}
     for seed in range(first_seed, first_seed + seeds):
-        first = None
         for method in parsed:
             workdir = out / f"seed_{seed}" / method.dirname
-            if first is None:
-                first = workdir
-            else:
-                share_theta0(first, workdir)
             started = time.perf_counter()
             selfplay.run(configs[seed, method.name], workdir)
             seconds[str(workdir.relative_to(out))] = round(time.perf_counter() - started, 1)
@@ -130,18 +128,6 @@ def stability(config_path, out, seeds: int = 5, methods: Sequence[str] = DEFAULT
     curves = collect(runs)
     write(curves, out, plots=plots)
     return curves
-
-
-def share_theta0(source: Path, workdir: Path) -> None:
-    """Give `workdir` the finished SFT phase of `source` (its theta_0 and its records)."""
-    if checkpoint.is_done(workdir / "sft"):
-        return
-    if workdir.exists():
-        shutil.rmtree(workdir)  # a run that stopped before it had theta_0 starts again
-    workdir.mkdir(parents=True)
-    shutil.copytree(source / "sft", workdir / "sft")
-    records = [r for r in metrics.read(source) if r["iteration"] == selfplay.SFT_ITERATION]
-    (workdir / metrics.METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
 # ----------------------------------------------------------------------------------- curves
@@ -157,7 +143,7 @@ def collect(workdirs: Iterable) -> dict:
         cfg = config.from_dict(config.RunConfig, _yaml(workdir / selfplay.CONFIG_FILE))
         method = describe(cfg)
         runs.append({"method": method, "seed": cfg.seed, "workdir": str(workdir)})
-        read = metrics.read(workdir)
+        read = theta0_records(cfg) + metrics.read(workdir)
         last_step: dict = {}
         for record in read:
             if "event" not in record and record["iteration"] >= 0:
@@ -176,6 +162,15 @@ def collect(workdirs: Iterable) -> dict:
             row["global_step"] = offsets.get(iteration, 0) + record["step"] if iteration >= 0 else 0
             records.append({"method": method, "seed": cfg.seed, **row})
     return {"runs": runs, "records": records}
+
+
+def theta0_records(cfg: config.RunConfig) -> list[dict]:
+    """The evaluation records of theta_0 of a run that starts from another run's SFT warm-up
+    (`init_from: RUN/sft/final`): that run's; [] for any other start."""
+    start = Path(cfg.init_from) if cfg.init_from else None
+    if start is None or (start.name, start.parent.name) != ("final", "sft"):
+        return []
+    return [r for r in metrics.read(start.parent.parent) if r["iteration"] == selfplay.SFT_ITERATION and "event" in r]
 
 
 def _yaml(path: Path) -> dict:

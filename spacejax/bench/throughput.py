@@ -260,16 +260,14 @@ def train_part(run_cfg: config.RunConfig, params: dict, batch: dict) -> Part:
     """The SPIN step as self-play runs it: `train.make_train_step(train.pair_objective)` with the
     config's optimizer, jitted with the state donated (each call continues from the last state);
     `fields` hold the compiled step's memory analysis."""
-    schedule = train.learning_rate_schedule(run_cfg.train, total_steps=1000)
-    optimizer = train.make_optimizer(run_cfg.train, schedule)
-    step = train.make_train_step(train.pair_objective(run_cfg.model, run_cfg.loss), optimizer, schedule,
-                                 run_cfg.train.grad_accum_steps)
-    state = jax.jit(lambda p: train.create_state(p, optimizer))(params)  # a copy: `params` survives the donation
-    compiled = jax.jit(step, donate_argnums=0).lower(state, batch).compile()
+    step = train.make_train_step(train.pair_objective(run_cfg.model, run_cfg.loss.kind), run_cfg.train)
+    hyper = train.hyperparameters(run_cfg.train, 1000, train.loss_hyperparameters(run_cfg.loss))
+    state = jax.jit(lambda p: train.create_state(p, run_cfg.train))(params)  # a copy: `params` survives the donation
+    compiled = jax.jit(step, donate_argnums=0).lower(state, batch, hyper).compile()
 
     def call():
         nonlocal state
-        state, step_metrics = compiled(state, batch)
+        state, step_metrics = compiled(state, batch, hyper)
         return step_metrics["loss"]
 
     rows, length = 2 * run_cfg.train.batch_size, run_cfg.data.max_length

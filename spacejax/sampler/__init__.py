@@ -54,16 +54,20 @@ unsharded run. Multi-process: every process passes the same prompts; each places
 of every batch (`sharding.put_batch`) and reads all the results back (`sharding.to_host`).
 
 The package: `strategies` (Greedy, Sampling, ...), `step` (the one-token step and its weights
-layout), `loop` (jitted prefill and decode), `generation` (`generate`, `Completions`), `files`
-(JSONL prompts and completions).
+layout), `loop` (jitted prefill and decode), `generation` (`generate`, `Completions`), `generator`
+(the loop's Generator interface: requests with token limits and stop sequences, completed chunks
+reported as they finish; `SamplerGenerator` is this sampler behind it), `files` (JSONL prompts and
+completions).
 """
 
 from spacejax.sampler.files import completion_rows, read_prompts, write_jsonl_atomic
 from spacejax.sampler.generation import MIN_BUCKET, Completions, bucket_length, generate
+from spacejax.sampler.generator import Generator, Request, SamplerGenerator, cut_at_stop
 from spacejax.sampler.loop import DecodeState, decode, prefill
 from spacejax.sampler.step import step_forward, step_params
 from spacejax.sampler.strategies import Greedy, Sampling, Temperature, TopK, TopP, top_k_filter, top_p_filter
 
-__all__ = ["Completions", "DecodeState", "Greedy", "MIN_BUCKET", "Sampling", "Temperature", "TopK", "TopP",
+__all__ = ["Completions", "DecodeState", "Generator", "Greedy", "MIN_BUCKET", "Request", "SamplerGenerator",
+           "cut_at_stop", "Sampling", "Temperature", "TopK", "TopP",
            "bucket_length", "completion_rows", "decode", "generate", "prefill", "read_prompts", "step_forward",
            "step_params", "top_k_filter", "top_p_filter", "write_jsonl_atomic"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -131,7 +131,8 @@ def generate(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], r
              batch_size: int = 32, num_samples: int = 1, prompt_indices: Optional[Sequence[int]] = None,
              pad_id: int = 0, buckets: Optional[Sequence[int]] = None, mesh: Optional[Mesh] = None,
              return_logprobs: bool = False, return_logits: bool = False, gather_weights: bool = False,
-             step_weights: Optional[dict] = None, progress: bool = True) -> Completions:
+             step_weights: Optional[dict] = None, progress: bool = True,
+             on_rows: Optional[Callable[[np.ndarray, np.ndarray, np.ndarray], None]] = None) -> Completions:
     """Generate `num_samples` completions of up to `max_new_tokens` for each prompt.
 
     prompts: token id lists or 1-D arrays (no padding). rng_or_seed: an int seed or a PRNG key.
@@ -144,6 +145,8 @@ def generate(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], r
     default, as it costs memory and on 8 simulated CPU devices neither wins beyond the noise
     (benchmarks/decode_sharding.py); on TPU, where each chip streams its own HBM and per-step gathers
     cross ICI, turn it on when the memory allows.
+    on_rows: called with (row indices [n], their tokens [n, T], lengths [n]) as each batch of rows
+    comes back from the device.
     Returns `Completions` (see the module doc); logits only with `return_logits` (memory N*T*V).
     """
     if max_new_tokens < 1 or batch_size < 1 or num_samples < 1:
@@ -223,6 +226,8 @@ def generate(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], r
         if return_logits:
             out_logits[rows] = sharding.to_host(state.logits)[:n]
         generated += int(lengths.sum())
+        if on_rows is not None:
+            on_rows(rows, tokens, lengths)
         bar.update(n)
         bar.set_postfix(tokens_per_s=f"{generated / (time.perf_counter() - start):.0f}")
 

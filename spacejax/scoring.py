@@ -1,0 +1,64 @@
+"""The scorer: summed response log-probs of padded rows, in fixed-size jitted batches over the mesh.
+
+Rows are what `data.pad_sequences` (or `Pairs.sequences`) makes, each leaf [N, L]:
+
+    tokens          int32   prompt then response, right-padded
+    loss_mask       0/1     1 on the response tokens (the targets)
+    attention_mask  0/1     1 on prompt and response
+
+`score` returns log p(response | prompt) [N] float32; with `greedy=True` also, per row, whether
+every response token is the model's argmax continuation (lm-eval's `is_greedy`). Every batch has
+`batch_size` rows (the last is padded with empty rows that score 0), so one program serves any N;
+each process places only its own rows of every batch, and every process reads the whole result.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spacejax import metrics, model, sharding, train
+from spacejax.config import ModelConfig
+
+
+def _greedy_rows(model_cfg: ModelConfig, params, tokens, loss_mask, attention_mask):
+    """[N] bool: every target token is the argmax of the logits before it (rows without targets: True)."""
+    logits, _ = model.apply(model_cfg, params, tokens, attention_mask=attention_mask)
+    predicted = jnp.argmax(logits[:, :-1], axis=-1)
+    matches = (predicted == tokens[:, 1:]) | ~loss_mask[:, 1:].astype(bool)
+    return jnp.all(matches, axis=-1)
+
+
+def pad_rows(value: np.ndarray, rows: int) -> np.ndarray:
+    """Pad the leading axis to `rows` with zeros (masked rows that score nothing)."""
+    missing = rows - len(value)
+    return value if missing == 0 else np.concatenate([value, np.zeros((missing, *value.shape[1:]), value.dtype)])
+
+
+class Scorer:
+    """`score(params, rows)` for one model on one mesh; `batch_size` rows per jitted call (a
+    multiple of the mesh's data x fsdp size)."""
+
+    def __init__(self, model_cfg: ModelConfig, mesh, batch_size: int, progress: bool = True):
+        self.mesh, self.batch_size, self.progress = mesh, batch_size, progress
+        self._logps = train.make_score_fn(model_cfg, out_shardings=sharding.replicated(mesh))
+        self._greedy = jax.jit(lambda params, *rows: _greedy_rows(model_cfg, params, *rows),
+                               out_shardings=sharding.replicated(mesh))
+
+    def score(self, params, rows: dict[str, np.ndarray], greedy: bool = False):
+        """rows (leaves [N, L]) -> logps [N] float32, or (logps [N], is_greedy [N] bool) with `greedy`."""
+        n, size = len(rows["tokens"]), self.batch_size
+        local = sharding.process_rows(self.mesh, size)
+        logps = np.zeros(n, np.float32)
+        is_greedy = np.zeros(n, bool)
+        starts = range(0, n, size)
+        for start in metrics.progress(starts, desc="scoring", unit="batch") if self.progress else starts:
+            chunk = {key: pad_rows(value[start:start + size], size)[local] for key, value in rows.items()}
+            chunk = sharding.put_batch(chunk, self.mesh, size)
+            arrays = (chunk["tokens"], chunk["loss_mask"], chunk["attention_mask"])
+            kept = min(size, n - start)
+            logps[start:start + kept] = np.asarray(self._logps(params, *arrays)[0])[:kept]
+            if greedy:
+                is_greedy[start:start + kept] = np.asarray(self._greedy(params, *arrays))[:kept]
+        return (logps, is_greedy) if greedy else logps

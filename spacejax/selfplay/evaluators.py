@@ -1,0 +1,122 @@
+"""Evaluators: what every phase is judged by. Each is called as `evaluator(params, context)` and
+returns a dict of `eval/...` values; `selfplay.evaluators` names them (EVALUATORS), and adding
+one touches neither the loop nor the others.
+
+    nll    held-out NLL of the real responses (sum and per token)
+    pairs  the loss and its metrics on the held-out pairs (self-play iterations only)
+    kl     KL(p_data || p_theta) on the known-truth task, from fresh draws of p_data
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import jax
+import numpy as np
+
+from spacejax import data, metrics, sharding, toy
+from spacejax.config import ConfigError, RunConfig
+from spacejax.pairs import Pairs
+from spacejax.scoring import Scorer
+from spacejax.selfplay.task import Task
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What a phase's evaluation sees: its held-out pairs (None for the SFT warm-up) and the
+    config it ran with."""
+
+    pairs: Optional[Pairs]
+    cfg: RunConfig
+
+
+@dataclasses.dataclass
+class HeldOutNLL:
+    scorer: Scorer
+    task: Task
+
+    def __call__(self, params, context: Context) -> dict:
+        held_out = Pairs.real_only(self.task.eval)
+        rows = held_out.sequences(held_out.length(context.cfg.data), self.task.pad_id, real_only=True)
+        real_logps = self.scorer.score(params, rows)
+        counts = np.array([len(e.real_ids) for e in self.task.eval])
+        return {"eval/nll": float(-real_logps.mean()), "eval/nll_per_token": float(-(real_logps / counts).mean())}
+
+
+@dataclasses.dataclass
+class PairMetrics:
+    """The iteration's loss on the held-out pairs, as one batch (its hyperparameters traced)."""
+
+    mesh: object
+    pair_objective: Callable  # cfg -> trainer.Objective
+    pad_id: int
+
+    def __post_init__(self):
+        self._compiled: dict = {}
+
+    def __call__(self, params, context: Context) -> dict:
+        pairs = context.pairs
+        if pairs is None or not len(pairs):
+            return {}
+        objective = self.pair_objective(context.cfg)
+        if objective.kind not in self._compiled:
+            self._compiled[objective.kind] = jax.jit(objective.fn)
+        local = pairs.select(np.arange(len(pairs))[sharding.process_rows(self.mesh, len(pairs))])
+        batch = sharding.put_batch(local.batch(pairs.length(context.cfg.data), self.pad_id), self.mesh, len(pairs))
+        hyper = {name: np.float32(value) for name, value in objective.hyperparameters.items()}
+        _, pair_metrics = self._compiled[objective.kind](params, batch, hyper)
+        return {f"eval/{k}": v for k, v in metrics.to_python(pair_metrics).items()}
+
+
+@dataclasses.dataclass
+class KnownTruthKL:
+    """KL(p_data || p_theta) from `selfplay.eval_kl_samples` fresh draws of p_data: the same draws
+    at every iteration, so the curve compares like with like."""
+
+    scorer: Scorer
+    task: Task
+
+    def __call__(self, params, context: Context) -> dict:
+        cfg, truth = context.cfg, self.task.truth
+        rng = np.random.default_rng([cfg.seed, 0x4B1])
+        contexts = rng.integers(0, truth.task.num_contexts, cfg.selfplay.eval_kl_samples)
+        responses = truth.sample(rng, contexts)
+        examples = [data.Example(p, r[:np.argmax(r == toy.END) + 1]) for p, r in
+                    zip(truth.prompts(contexts).astype(np.int32), responses)]
+        pairs = Pairs.real_only(examples)
+        model_logps = self.scorer.score(params, pairs.sequences(pairs.length(cfg.data), self.task.pad_id,
+                                                                real_only=True))
+        kl, stderr = toy.kl_estimate(truth.log_prob(contexts, responses), model_logps)
+        return {"eval/kl": kl, "eval/kl_stderr": stderr}
+
+
+# name -> a builder from the run's parts (mesh, task, scorer, pair_objective)
+EVALUATORS: dict[str, Callable] = {
+    "nll": lambda parts: HeldOutNLL(parts.scorer, parts.task),
+    "pairs": lambda parts: PairMetrics(parts.mesh, parts.pair_objective, parts.task.pad_id),
+    "kl": lambda parts: KnownTruthKL(parts.scorer, parts.task),
+}
+
+
+def names(cfg: RunConfig) -> tuple[str, ...]:
+    """The configured evaluators; null: nll, pairs, and kl on the known-truth task."""
+    if cfg.selfplay.evaluators is not None:
+        return cfg.selfplay.evaluators
+    return ("nll", "pairs", "kl") if cfg.data.source == "toy" else ("nll", "pairs")
+
+
+def check(cfg: RunConfig) -> None:
+    unknown = [name for name in names(cfg) if name not in EVALUATORS]
+    if unknown:
+        raise ConfigError(f"selfplay.evaluators: unknown evaluator {unknown[0]!r}; known: {sorted(EVALUATORS)}")
+    if "kl" in names(cfg) and cfg.data.source != "toy":
+        raise ConfigError("selfplay.evaluators: 'kl' needs the known-truth task (data.source: toy)")
+
+
+def evaluate(evaluators, params, context: Context) -> dict:
+    """Every evaluator's values, in the configured order."""
+    result = {}
+    for evaluator in evaluators:
+        result.update(evaluator(params, context))
+    return result

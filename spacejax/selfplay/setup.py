@@ -1,0 +1,123 @@
+"""The components of a run, each built from its config section: `setup(cfg, workdir) -> Parts`."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+
+from spacejax import checkpoint, config, hf, losses, model, sampler, sharding, toy, train, trainer
+from spacejax.config import ConfigError, RunConfig
+from spacejax.scoring import Scorer
+from spacejax.selfplay import evaluators as evaluators_module
+from spacejax.selfplay.store import RunStore, prepare
+from spacejax.selfplay.task import Task, load_task
+
+
+@dataclasses.dataclass
+class Parts:
+    """What the algorithm runs over."""
+
+    mesh: object
+    task: Task
+    theta_0: object  # the params before any SFT, on the mesh
+    store: RunStore
+    generator: sampler.Generator
+    scorer: Scorer
+    trainer: trainer.Trainer
+    pair_objective: Callable  # the iteration's RunConfig -> trainer.Objective
+    sft_objective: trainer.Objective
+    evaluators: list
+    preemption: trainer.StopOnSigterm
+
+
+def check(cfg: RunConfig) -> None:
+    """Checks that need more than one section; everything before the workdir is touched."""
+    try:
+        losses.get_loss(cfg.loss.kind)
+    except ValueError as error:
+        raise ConfigError(f"loss.kind: {error}") from None
+    if cfg.data.num_train and cfg.data.num_train < cfg.train.batch_size:
+        raise ConfigError(f"data.num_train ({cfg.data.num_train}) must be at least train.batch_size "
+                          f"({cfg.train.batch_size})")
+    if cfg.data.source != "toy" and cfg.data.tokenizer is None and cfg.init_from is None:
+        raise ConfigError("data.tokenizer: text data needs a tokenizer directory (or init_from with one)")
+    if cfg.data.source == "toy":
+        vocab = toy.KnownTruth(cfg.data.toy).vocab_size
+        if cfg.init_from is None and cfg.model.vocab_size < vocab:
+            raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) must be at least the toy task's "
+                              f"vocabulary ({vocab})")
+    evaluators_module.check(cfg)
+
+
+def check_every_phase(cfg: RunConfig, mesh) -> None:
+    """`check` every phase's config (selfplay.from_iteration applied) and its batch sizes against the mesh."""
+    divisor = sharding.batch_size_divisor(mesh)
+    for iteration in range(-1, cfg.selfplay.iterations):
+        scheduled = config.at_iteration(cfg, iteration)
+        check(scheduled)
+        for key, rows in (("train.batch_size / train.grad_accum_steps",
+                           scheduled.train.batch_size // scheduled.train.grad_accum_steps),
+                          ("sampler.batch_size", scheduled.sampler.batch_size), ("data.num_eval", cfg.data.num_eval)):
+            if rows % divisor:
+                raise ConfigError(f"{key} = {rows}{f' (iteration {iteration})' if iteration >= 0 else ''} must "
+                                  f"be divisible by the {divisor} devices of mesh axes data x fsdp")
+
+
+def param_shardings(model_cfg, mesh):
+    shapes = jax.eval_shape(lambda: model.init(model_cfg, jax.random.key(0)))
+    return sharding.tree_shardings(model.logical_axes(model_cfg), shapes, mesh)
+
+
+def initial_params(cfg: RunConfig, mesh) -> tuple:
+    """(ModelConfig, params of theta_0 before any SFT), placed on the mesh."""
+    keep = {"param_dtype": cfg.model.param_dtype, "dtype": cfg.model.dtype, "remat": cfg.model.remat}
+    if cfg.init_from is None:
+        model_cfg = cfg.model
+        params = jax.jit(lambda rng: model.init(model_cfg, rng), out_shardings=param_shardings(model_cfg, mesh))(
+            jax.random.key(cfg.seed))
+        return model_cfg, params
+    if checkpoint.is_params_checkpoint(cfg.init_from):
+        model_cfg = dataclasses.replace(checkpoint.load_config(cfg.init_from), **keep)
+        return model_cfg, checkpoint.load_params(cfg.init_from, param_shardings(model_cfg, mesh), **keep)[1]
+    model_cfg, params = hf.load(cfg.init_from, **keep)
+    return model_cfg, jax.device_put(params, param_shardings(model_cfg, mesh))
+
+
+def setup(cfg: RunConfig, workdir) -> Parts:
+    """Check every phase's config, load the task, write (or check) workdir/config.yaml, load
+    theta_0 and build the components."""
+    mesh = sharding.make_mesh(cfg.mesh)
+    check_every_phase(cfg, mesh)
+    task = load_task(cfg)
+    prepare(workdir, cfg)
+    with jax.set_mesh(mesh):
+        model_cfg, theta_0 = initial_params(cfg, mesh)
+    # The task's end ids join the model's, so every checkpoint and HF export of this run stops
+    # generating where its sampler did (`spacejax generate` reads them from the model config).
+    end_ids = tuple(dict.fromkeys(model_cfg.eos_token_ids + tuple(i for i in task.end_ids if i is not None)))
+    model_cfg = dataclasses.replace(model_cfg, eos_token_ids=end_ids)
+    store = RunStore(workdir, cfg, model_cfg, param_shardings(model_cfg, mesh), task.tokenizer)
+    progress = jax.process_index() == 0
+    scorer = Scorer(model_cfg, mesh, cfg.sampler.batch_size, progress=progress)
+    sampling = sampler.Sampling(temperature=cfg.sampler.temperature, top_k=cfg.sampler.top_k or None,
+                                top_p=cfg.sampler.top_p)
+    generator = sampler.SamplerGenerator(model_cfg, mesh, sampling, cfg.sampler.batch_size, task.pad_id,
+                                         task.end_ids, progress=progress)
+    preemption = trainer.StopOnSigterm(cfg.checkpoint.every_steps)
+    hooks = [trainer.LogMetrics(store.log), trainer.StopOnNonFinite(cfg.checkpoint.every_steps),
+             trainer.SaveCheckpoints(cfg.checkpoint.every_steps), preemption, trainer.ShowProgress()]
+    fitter = trainer.Trainer(model_cfg, mesh, cfg.data, cfg.seed, task.pad_id, hooks)
+    pair_fn = {}
+
+    def pair_objective(phase_cfg: RunConfig) -> trainer.Objective:
+        """The iteration's self-play loss: one function per loss kind, its hyperparameters as values."""
+        kind = phase_cfg.loss.kind
+        pair_fn.setdefault(kind, train.pair_objective(model_cfg, kind))
+        return trainer.Objective(kind, pair_fn[kind], train.loss_hyperparameters(phase_cfg.loss))
+
+    parts = Parts(mesh, task, theta_0, store, generator, scorer, fitter, pair_objective,
+                  trainer.Objective("sft", train.sft_objective(model_cfg), {}), [], preemption)
+    parts.evaluators = [evaluators_module.EVALUATORS[name](parts) for name in evaluators_module.names(cfg)]
+    return parts

@@ -1,0 +1,297 @@
+"""The trainer: epochs of the jitted train step over a phase's pairs, with hooks.
+
+    fitted = trainer.fit(params, pairs, objective, phase)
+
+One phase is the SFT warm-up or one self-play iteration (`Phase`: its iteration, train config,
+peak learning rate, epochs, and its step checkpoints). `fit` restores the phase's latest readable
+step checkpoint, then runs the remaining steps; batch `s` of epoch `e` is a slice of a permutation
+drawn from (seed, iteration + 1, e), so a resumed phase sees the data an uninterrupted one does.
+
+The step is compiled once per (objective, the train config's compiled fields): the peak learning
+rate, the schedule's length and the loss's hyperparameters are its inputs (`train.Hyperparameters`),
+so phases that change them reuse it. Changing the loss kind, the optimizer, its clipping or weight
+decay, the batch size, accumulation, the padded length or the number of samples per prompt compiles
+a new one.
+
+The loop never waits for the device on its own: it dispatches step s, then prepares batch s + 1
+on the host while the device runs. Hooks do everything else (`Hook.due(step, total)` says at which
+steps): logging metrics, checking the non-finite counter, saving checkpoints, acting on SIGTERM.
+Only hooks that read device values (metrics, the counter) synchronise, on the steps they are due.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import signal
+import time
+from typing import Callable, Optional, Protocol, Sequence
+
+import jax
+import numpy as np
+
+from spacejax import checkpoint, metrics, model, sharding, train
+from spacejax.config import ConfigError, DataConfig, ModelConfig, TrainConfig
+from spacejax.pairs import Pairs
+
+log = logging.getLogger(__name__)
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; the train state was saved and re-running the same command resumes."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """Too many non-finite steps in a row; the last good checkpoint is intact."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """A loss over batches of pairs: `kind` names its compiled program ("sft" or a loss kind),
+    `fn(params, batch, hyperparameters)` computes it, `hyperparameters` are its traced values."""
+
+    kind: str
+    fn: train.Objective
+    hyperparameters: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    iteration: int  # -1: the SFT warm-up
+    train: TrainConfig  # this phase's train config (selfplay.from_iteration applied)
+    learning_rate: float  # the schedule's peak
+    epochs: int
+    checkpoints: checkpoint.TrainCheckpoints
+
+    @property
+    def name(self) -> str:
+        return phase_name(self.iteration)
+
+
+def phase_name(iteration: int) -> str:
+    return "sft" if iteration < 0 else f"iteration_{iteration}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Fitted:
+    state: train.TrainState  # on device: `fit` itself never waits for it
+
+    @property
+    def params(self):
+        return self.state.params
+
+    @property
+    def steps(self) -> int:
+        return int(self.state.step)
+
+    @property
+    def summary(self) -> dict:
+        """The first and last step's loss (floats, or 'nan' / 'inf' as in metrics.jsonl)."""
+        return metrics.to_python({"eval/loss_start": self.state.first_loss, "eval/loss_end": self.state.last_loss})
+
+
+@dataclasses.dataclass
+class StepInfo:
+    """What a hook sees after step `step` (1-based) was dispatched; `state` and `metrics` are
+    device values (reading them waits for the step). `logged` holds the host metrics once a
+    hook has read them at this step."""
+
+    phase: Phase
+    step: int
+    total_steps: int
+    epoch: int
+    state: train.TrainState
+    metrics: dict
+    tokens: int  # tokens the policy read in this step
+    logged: Optional[dict] = None
+
+
+class Hook(Protocol):
+    def start(self, phase: Phase, step: int, total_steps: int) -> None: ...
+    def due(self, step: int, total_steps: int) -> bool: ...
+    def __call__(self, info: StepInfo) -> None: ...
+
+
+class Trainer:
+    """Fits params to pairs under an objective; `hooks` run in order at the steps they are due.
+    `trainable(path, leaf) -> bool` (path: jax key path of the params leaf) restricts training to
+    the leaves it accepts (the others stay bitwise as they came in); None trains all."""
+
+    def __init__(self, model_cfg: ModelConfig, mesh, data_cfg: DataConfig, seed: int, pad_id: int,
+                 hooks: Sequence[Hook] = (), trainable: Optional[Callable] = None):
+        self.model_cfg, self.mesh, self.data_cfg, self.seed, self.pad_id = model_cfg, mesh, data_cfg, seed, pad_id
+        self.hooks = list(hooks)
+        self.trainable = trainable
+        self._compiled: dict = {}
+
+    def fit(self, params, pairs: Pairs, objective: Objective, phase: Phase) -> Fitted:
+        cfg = phase.train
+        steps_per_epoch = len(pairs) // cfg.batch_size
+        if steps_per_epoch == 0:
+            raise ConfigError(f"train.batch_size ({cfg.batch_size}) exceeds the {len(pairs)} training pairs")
+        total_steps = phase.epochs * steps_per_epoch
+        hyper = train.hyperparameters(cfg, total_steps, objective.hyperparameters, peak=phase.learning_rate)
+        create_state, step_fn = self._steps(objective, cfg)
+        state, start = create_state(params), 0
+        restored = phase.checkpoints.restore_latest(state)
+        if restored is not None:
+            start, state = restored
+            log.info("resuming %s at step %d", phase.name, start)
+        for hook in self.hooks:
+            hook.start(phase, start, total_steps)
+        length = pairs.length(self.data_cfg)
+        local = sharding.process_rows(self.mesh, cfg.batch_size)
+        try:
+            for step in range(start, total_steps):
+                epoch, position = divmod(step, steps_per_epoch)
+                chosen = self._order(phase.iteration, epoch, len(pairs))[position * cfg.batch_size:
+                                                                          (position + 1) * cfg.batch_size]
+                batch = pairs.select(chosen[local]).batch(length, self.pad_id)
+                state, step_metrics = step_fn(state, sharding.put_batch(batch, self.mesh, cfg.batch_size), hyper)
+                info = StepInfo(phase, step + 1, total_steps, epoch, state, step_metrics,
+                                pairs.select(chosen).num_tokens())
+                for hook in self.hooks:
+                    if hook.due(step + 1, total_steps):
+                        hook(info)
+        finally:
+            phase.checkpoints.close()
+        return Fitted(state)
+
+    def _order(self, iteration: int, epoch: int, n: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, iteration + 1, epoch]).permutation(n)
+
+    def _steps(self, objective: Objective, cfg: TrainConfig):
+        """(create_state, train_step), jitted once per objective and compiled train fields."""
+        key = (objective.kind, cfg.optimizer, cfg.schedule, cfg.weight_decay, cfg.max_grad_norm,
+               cfg.grad_accum_steps)
+        if key not in self._compiled:
+            shapes = jax.eval_shape(lambda: model.init(self.model_cfg, jax.random.key(0)))
+            param_shardings = sharding.tree_shardings(model.logical_axes(self.model_cfg), shapes, self.mesh)
+            replicated = sharding.replicated(self.mesh)
+            mask = (None if self.trainable is None
+                    else jax.tree_util.tree_map_with_path(lambda path, leaf: bool(self.trainable(path, leaf)), shapes))
+            placement = train.state_shardings(cfg, shapes, param_shardings, replicated, mask)
+            step = train.make_train_step(objective.fn, cfg, mask)
+            self._compiled[key] = (jax.jit(lambda params: train.create_state(params, cfg, mask),
+                                           out_shardings=placement),
+                                   jax.jit(step, donate_argnums=0, out_shardings=(placement, replicated)))
+        return self._compiled[key]
+
+
+# ----------------------------------------------------------------------------------- hooks
+
+
+class LogMetrics:
+    """Every `train.log_every` steps, the first and the last: the step's metrics to the run's log,
+    with the tokens per second since the previous log (this is where the loop waits for the device)."""
+
+    def __init__(self, writer: metrics.MetricsWriter):
+        self.writer = writer
+
+    def start(self, phase: Phase, step: int, total_steps: int) -> None:
+        self.writer.drop_after(phase.iteration, step)  # a resumed phase logs those steps again
+        self.every, self.since, self.tokens = phase.train.log_every, time.perf_counter(), 0
+
+    def due(self, step: int, total_steps: int) -> bool:
+        return True
+
+    def __call__(self, info: StepInfo) -> None:
+        self.tokens += info.tokens
+        if not (info.step % self.every == 0 or info.step in (1, info.total_steps)):
+            return
+        values = metrics.to_python(info.metrics)
+        now = time.perf_counter()
+        values["tokens_per_second"] = self.tokens / (now - self.since)
+        self.since, self.tokens = now, 0
+        self.writer.write({"iteration": info.phase.iteration, "step": info.step, "epoch": info.epoch, **values})
+        info.logged = values
+
+
+class StopOnNonFinite:
+    """On logging and checkpoint steps: stop when `train.max_nonfinite_in_a_row` steps in a row
+    had a non-finite loss (the step itself already skipped their updates, so every checkpoint is
+    finite)."""
+
+    def __init__(self, save_every: int):
+        self.save_every = save_every
+
+    def start(self, phase: Phase, step: int, total_steps: int) -> None:
+        self.limit, self.log_every = phase.train.max_nonfinite_in_a_row, phase.train.log_every
+
+    def due(self, step: int, total_steps: int) -> bool:
+        return step % self.log_every == 0 or step % self.save_every == 0 or step in (1, total_steps)
+
+    def __call__(self, info: StepInfo) -> None:
+        in_a_row = int(info.state.nonfinite_in_a_row)
+        if in_a_row >= self.limit:
+            raise NonFiniteLoss(
+                f"{in_a_row} steps in a row had a non-finite loss or gradient ({info.phase.name}, step {info.step}); "
+                f"they were skipped and the last good checkpoint in {info.phase.checkpoints.directory} is intact. "
+                "Lower train.learning_rate or loss.beta, or check the data.")
+
+
+class SaveCheckpoints:
+    """Every `every` steps: an asynchronous Orbax save of the train state."""
+
+    def __init__(self, every: int):
+        self.every = every
+
+    def start(self, phase: Phase, step: int, total_steps: int) -> None:
+        pass
+
+    def due(self, step: int, total_steps: int) -> bool:
+        return step % self.every == 0
+
+    def __call__(self, info: StepInfo) -> None:
+        info.phase.checkpoints.save(info.step, info.state)
+
+
+class StopOnSigterm:
+    """While `watching()`, SIGTERM (a preempted VM) makes the next step save the train state and
+    raise Preempted; re-running the same command resumes there."""
+
+    def __init__(self, save_every: int):
+        self.save_every, self.requested = save_every, False
+
+    @contextlib.contextmanager
+    def watching(self):
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _on_sigterm(self, signum, frame):
+        log.warning("SIGTERM: saving the train state at the next step, then exiting")
+        self.requested = True
+
+    def start(self, phase: Phase, step: int, total_steps: int) -> None:
+        pass
+
+    def due(self, step: int, total_steps: int) -> bool:
+        return self.requested
+
+    def __call__(self, info: StepInfo) -> None:
+        if info.step % self.save_every:  # else SaveCheckpoints just saved this step
+            info.phase.checkpoints.save(info.step, info.state)
+        raise Preempted(f"preempted at {info.phase.name} step {info.step}; the train state is saved: re-run the "
+                        "same command to resume")
+
+
+class ShowProgress:
+    """A progress bar over the phase's steps with the latest logged loss."""
+
+    def start(self, phase: Phase, step: int, total_steps: int) -> None:
+        self.bar = metrics.progress(total=total_steps, initial=step, desc=phase.name, unit="step")
+
+    def due(self, step: int, total_steps: int) -> bool:
+        return True
+
+    def __call__(self, info: StepInfo) -> None:
+        if info.logged is not None:
+            loss = info.logged["loss"]
+            self.bar.set_postfix(loss=f"{loss:.4g}" if isinstance(loss, float) else loss)
+        self.bar.update()
+        if info.step == info.total_steps:
+            self.bar.close()
