@@ -26,13 +26,13 @@ import dataclasses
 import logging
 import signal
 import time
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import numpy as np
 
-from spacejax import checkpoint, metrics, model, sharding, train
-from spacejax.config import ConfigError, DataConfig, ModelConfig, TrainConfig
+from spacejax import checkpoint, metrics, sharding, train
+from spacejax.config import ConfigError, DataConfig, TrainConfig
 from spacejax.pairs import Pairs
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,8 @@ class Fitted:
     @property
     def summary(self) -> dict:
         """The first and last step's loss (floats, or 'nan' / 'inf' as in metrics.jsonl)."""
-        return metrics.to_python({"eval/loss_start": self.state.first_loss, "eval/loss_end": self.state.last_loss})
+        first, last = metrics.to_python({"first": self.state.first_loss, "last": self.state.last_loss}).values()
+        return {"eval/loss_start": first, "eval/loss_end": last}  # to_python sorts its keys
 
 
 @dataclasses.dataclass
@@ -107,10 +108,18 @@ class StepInfo:
     logged: Optional[dict] = None
 
 
-class Hook(Protocol):
-    def start(self, phase: Phase, step: int, total_steps: int) -> None: ...
-    def due(self, step: int, total_steps: int) -> bool: ...
-    def __call__(self, info: StepInfo) -> None: ...
+class Hook:
+    """Something done between steps: `start` when a phase (re)starts at `step`, then `__call__`
+    after every step for which `due` holds (by default every step)."""
+
+    def start(self, phase: Phase, step: int, total_steps: int) -> None:
+        pass
+
+    def due(self, step: int, total_steps: int) -> bool:
+        return True
+
+    def __call__(self, info: StepInfo) -> None:
+        raise NotImplementedError
 
 
 class Trainer:
@@ -118,9 +127,9 @@ class Trainer:
     `trainable(path, leaf) -> bool` (path: jax key path of the params leaf) restricts training to
     the leaves it accepts (the others stay bitwise as they came in); None trains all."""
 
-    def __init__(self, model_cfg: ModelConfig, mesh, data_cfg: DataConfig, seed: int, pad_id: int,
-                 hooks: Sequence[Hook] = (), trainable: Optional[Callable] = None):
-        self.model_cfg, self.mesh, self.data_cfg, self.seed, self.pad_id = model_cfg, mesh, data_cfg, seed, pad_id
+    def __init__(self, mesh, data_cfg: DataConfig, seed: int, pad_id: int, hooks: Sequence[Hook] = (),
+                 trainable: Optional[Callable] = None):
+        self.mesh, self.data_cfg, self.seed, self.pad_id = mesh, data_cfg, seed, pad_id
         self.hooks = list(hooks)
         self.trainable = trainable
         self._compiled: dict = {}
@@ -132,7 +141,7 @@ class Trainer:
             raise ConfigError(f"train.batch_size ({cfg.batch_size}) exceeds the {len(pairs)} training pairs")
         total_steps = phase.epochs * steps_per_epoch
         hyper = train.hyperparameters(cfg, total_steps, objective.hyperparameters, peak=phase.learning_rate)
-        create_state, step_fn = self._steps(objective, cfg)
+        create_state, step_fn = self._steps(objective, cfg, params)
         state, start = create_state(params), 0
         restored = phase.checkpoints.restore_latest(state)
         if restored is not None:
@@ -142,11 +151,13 @@ class Trainer:
             hook.start(phase, start, total_steps)
         length = pairs.length(self.data_cfg)
         local = sharding.process_rows(self.mesh, cfg.batch_size)
+        order = {}  # epoch -> permutation of the pairs
         try:
             for step in range(start, total_steps):
                 epoch, position = divmod(step, steps_per_epoch)
-                chosen = self._order(phase.iteration, epoch, len(pairs))[position * cfg.batch_size:
-                                                                          (position + 1) * cfg.batch_size]
+                if epoch not in order:
+                    order = {epoch: np.random.default_rng([self.seed, phase.iteration + 1, epoch]).permutation(len(pairs))}
+                chosen = order[epoch][position * cfg.batch_size:(position + 1) * cfg.batch_size]
                 batch = pairs.select(chosen[local]).batch(length, self.pad_id)
                 state, step_metrics = step_fn(state, sharding.put_batch(batch, self.mesh, cfg.batch_size), hyper)
                 info = StepInfo(phase, step + 1, total_steps, epoch, state, step_metrics,
@@ -158,16 +169,14 @@ class Trainer:
             phase.checkpoints.close()
         return Fitted(state)
 
-    def _order(self, iteration: int, epoch: int, n: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, iteration + 1, epoch]).permutation(n)
-
-    def _steps(self, objective: Objective, cfg: TrainConfig):
-        """(create_state, train_step), jitted once per objective and compiled train fields."""
+    def _steps(self, objective: Objective, cfg: TrainConfig, params):
+        """(create_state, train_step), jitted once per objective and compiled train fields; the
+        state is placed like `params` (optimizer leaves like their params, counts replicated)."""
         key = (objective.kind, cfg.optimizer, cfg.schedule, cfg.weight_decay, cfg.max_grad_norm,
                cfg.grad_accum_steps)
         if key not in self._compiled:
-            shapes = jax.eval_shape(lambda: model.init(self.model_cfg, jax.random.key(0)))
-            param_shardings = sharding.tree_shardings(model.logical_axes(self.model_cfg), shapes, self.mesh)
+            shapes = jax.eval_shape(lambda: params)
+            param_shardings = jax.tree.map(lambda leaf: leaf.sharding, params)
             replicated = sharding.replicated(self.mesh)
             mask = (None if self.trainable is None
                     else jax.tree_util.tree_map_with_path(lambda path, leaf: bool(self.trainable(path, leaf)), shapes))
@@ -182,7 +191,7 @@ class Trainer:
 # ----------------------------------------------------------------------------------- hooks
 
 
-class LogMetrics:
+class LogMetrics(Hook):
     """Every `train.log_every` steps, the first and the last: the step's metrics to the run's log,
     with the tokens per second since the previous log (this is where the loop waits for the device)."""
 
@@ -192,9 +201,6 @@ class LogMetrics:
     def start(self, phase: Phase, step: int, total_steps: int) -> None:
         self.writer.drop_after(phase.iteration, step)  # a resumed phase logs those steps again
         self.every, self.since, self.tokens = phase.train.log_every, time.perf_counter(), 0
-
-    def due(self, step: int, total_steps: int) -> bool:
-        return True
 
     def __call__(self, info: StepInfo) -> None:
         self.tokens += info.tokens
@@ -208,7 +214,7 @@ class LogMetrics:
         info.logged = values
 
 
-class StopOnNonFinite:
+class StopOnNonFinite(Hook):
     """On logging and checkpoint steps: stop when `train.max_nonfinite_in_a_row` steps in a row
     had a non-finite loss (the step itself already skipped their updates, so every checkpoint is
     finite)."""
@@ -231,14 +237,11 @@ class StopOnNonFinite:
                 "Lower train.learning_rate or loss.beta, or check the data.")
 
 
-class SaveCheckpoints:
+class SaveCheckpoints(Hook):
     """Every `every` steps: an asynchronous Orbax save of the train state."""
 
     def __init__(self, every: int):
         self.every = every
-
-    def start(self, phase: Phase, step: int, total_steps: int) -> None:
-        pass
 
     def due(self, step: int, total_steps: int) -> bool:
         return step % self.every == 0
@@ -247,7 +250,7 @@ class SaveCheckpoints:
         info.phase.checkpoints.save(info.step, info.state)
 
 
-class StopOnSigterm:
+class StopOnSigterm(Hook):
     """While `watching()`, SIGTERM (a preempted VM) makes the next step save the train state and
     raise Preempted; re-running the same command resumes there."""
 
@@ -266,9 +269,6 @@ class StopOnSigterm:
         log.warning("SIGTERM: saving the train state at the next step, then exiting")
         self.requested = True
 
-    def start(self, phase: Phase, step: int, total_steps: int) -> None:
-        pass
-
     def due(self, step: int, total_steps: int) -> bool:
         return self.requested
 
@@ -279,14 +279,11 @@ class StopOnSigterm:
                         "same command to resume")
 
 
-class ShowProgress:
+class ShowProgress(Hook):
     """A progress bar over the phase's steps with the latest logged loss."""
 
     def start(self, phase: Phase, step: int, total_steps: int) -> None:
         self.bar = metrics.progress(total=total_steps, initial=step, desc=phase.name, unit="step")
-
-    def due(self, step: int, total_steps: int) -> bool:
-        return True
 
     def __call__(self, info: StepInfo) -> None:
         if info.logged is not None:

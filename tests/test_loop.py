@@ -144,7 +144,7 @@ def test_the_train_loop_reads_the_device_only_where_a_hook_is_due(tmp_path):
     parts = selfplay.setup(cfg, tmp_path)
     log_hook = AllowTransfers(trainer.LogMetrics(parts.store.log))
     nonfinite = AllowTransfers(trainer.StopOnNonFinite(save_every=100))
-    fitter = trainer.Trainer(parts.trainer.model_cfg, parts.mesh, cfg.data, cfg.seed, toy.PAD, [log_hook, nonfinite])
+    fitter = trainer.Trainer(parts.mesh, cfg.data, cfg.seed, toy.PAD, [log_hook, nonfinite])
     phase = trainer.Phase(-1, cfg.train, 1e-3, 4, parts.store.checkpoints(-1))
     with jax.set_mesh(parts.mesh), jax.transfer_guard_device_to_host("disallow_explicit"):
         fitted = fitter.fit(parts.theta_0, Pairs.real_only(parts.task.train), parts.sft_objective, phase)
@@ -158,7 +158,7 @@ def test_a_trainable_filter_trains_only_the_leaves_it_accepts(tmp_path):
     cfg = load()
     parts = selfplay.setup(cfg, tmp_path)
     only_head = lambda path, leaf: "lm_head" in jax.tree_util.keystr(path)  # noqa: E731
-    fitter = trainer.Trainer(parts.trainer.model_cfg, parts.mesh, cfg.data, cfg.seed, toy.PAD, trainable=only_head)
+    fitter = trainer.Trainer(parts.mesh, cfg.data, cfg.seed, toy.PAD, trainable=only_head)
     phase = trainer.Phase(-1, cfg.train, 1e-2, 1, parts.store.checkpoints(-1))
     with jax.set_mesh(parts.mesh):
         fitted = fitter.fit(parts.theta_0, Pairs.real_only(parts.task.train), parts.sft_objective, phase)

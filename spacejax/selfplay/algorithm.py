@@ -37,12 +37,13 @@ def self_play(cfg: RunConfig, parts: Parts) -> dict:
     for t in range(cfg.selfplay.iterations):
         now = config.at_iteration(cfg, t)  # this iteration's lr, beta, ... (selfplay.from_iteration)
         if store.done(t):
-            theta, previous, evaluation = store.final(t), store.samples(t).new, store.evaluation(t)
+            theta, evaluation = store.final(t), store.evaluation(t)
+            previous = store.samples(t).new if cfg.selfplay.mix_previous else None
             continue
         pairs = store.samples(t)
         if pairs is None:
             synthetic = opponent_generates(parts, now, theta, t)
-            pairs = pairs_of(task, synthetic, previous if cfg.selfplay.mix_previous else None)
+            pairs = pairs_of(task, synthetic, previous)
             pairs = pairs.scored(opponent_logps(parts.scorer, theta, pairs, now.data, task.pad_id))  # once
             store.save_samples(t, pairs, settings=dataclasses.asdict(now.sampler))
         phase = Phase(t, now.train, now.train.learning_rate, now.train.epochs, store.checkpoints(t))
@@ -50,7 +51,7 @@ def self_play(cfg: RunConfig, parts: Parts) -> dict:
         evaluation = {**evaluate(parts.evaluators, player.params, Context(pairs.eval, now)), **player.summary,
                       "eval/generation_length": float(np.mean(pairs.generated_lengths()))}
         store.finish(t, player.params, evaluation, player.steps)
-        theta, previous = player.params, pairs.new
+        theta, previous = player.params, pairs.new if cfg.selfplay.mix_previous else None
     return evaluation
 
 
@@ -65,7 +66,7 @@ def opponent_generates(parts: Parts, cfg: RunConfig, opponent, iteration: int) -
 
 def pairs_of(task, synthetic: list[list[np.ndarray]], previous: Pairs | None) -> Pairs:
     """The iteration's pairs: every real example with its synthetic responses, plus (SPIN's
-    mixing) the previous iteration's own training pairs."""
+    mixing, `previous` not None) the previous iteration's own training pairs."""
     examples = task.train + task.eval
     split = np.array(["train"] * len(task.train) + ["eval"] * len(task.eval))
     pairs = Pairs.from_examples(examples, synthetic, split, origin="new")

@@ -108,7 +108,7 @@ def setup(cfg: RunConfig, workdir) -> Parts:
     preemption = trainer.StopOnSigterm(cfg.checkpoint.every_steps)
     hooks = [trainer.LogMetrics(store.log), trainer.StopOnNonFinite(cfg.checkpoint.every_steps),
              trainer.SaveCheckpoints(cfg.checkpoint.every_steps), preemption, trainer.ShowProgress()]
-    fitter = trainer.Trainer(model_cfg, mesh, cfg.data, cfg.seed, task.pad_id, hooks)
+    fitter = trainer.Trainer(mesh, cfg.data, cfg.seed, task.pad_id, hooks)
     pair_fn = {}
 
     def pair_objective(phase_cfg: RunConfig) -> trainer.Objective:
