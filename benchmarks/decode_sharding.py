@@ -2,7 +2,7 @@
 
 On 8 simulated CPU devices (the flag is set below, before jax is imported), a small random Llama
 generates greedily on meshes (data, fsdp, tensor) = (1, 8, 1) and (2, 4, 1) from params laid out as
-for training (`selfplay.param_shardings`: embed over fsdp), decoding either on the fsdp-sharded
+for training (`sharding.param_shardings`: embed over fsdp), decoding either on the fsdp-sharded
 weights (XLA then all-gathers some weights and all-reduces activations at every step) or with
 `generate(..., gather_weights=True)` (one all-gather before decoding; every step reads local
 weights). Both alternate in one run after a warm-up; each figure is the best of the repeats
@@ -25,7 +25,7 @@ import time  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from spacejax import model, sampler, selfplay, sharding  # noqa: E402
+from spacejax import model, sampler, sharding  # noqa: E402
 from spacejax.config import MeshConfig, ModelConfig  # noqa: E402
 
 import report  # noqa: E402  # benchmarks/report.py: the BENCHMARKS.md sections
@@ -38,7 +38,7 @@ BEGIN, END = report.markers("decode_sharding")
 
 def placed_params(mesh) -> dict:
     """SMALL's random params on `mesh`, sharded as training shards them."""
-    shardings = selfplay.param_shardings(SMALL, mesh)
+    shardings = sharding.param_shardings(SMALL, mesh)
     return jax.jit(lambda: model.init(SMALL, jax.random.key(0)), out_shardings=shardings)()
 
 
@@ -74,7 +74,7 @@ def run(batch: int, prompt_length: int, new_tokens: int, repeats: int) -> list[d
 
 def markdown(results, command: str, batch: int, prompt_length: int, new_tokens: int) -> str:
     lines = [BEGIN, "## Decoding: fsdp-sharded weights vs gathered once (8 simulated CPU devices)", "",
-             f"Random float32 Llama ({model.num_params(jax.eval_shape(lambda: model.init(SMALL, jax.random.key(0)))) / 1e6:.1f}M "
+             f"Random float32 Llama ({model.num_params(model.param_shapes(SMALL)) / 1e6:.1f}M "
              f"parameters: hidden {SMALL.hidden_size}, {SMALL.num_layers} layers, vocabulary {SMALL.vocab_size}); "
              f"batch {batch}, prompts of {prompt_length}, {new_tokens} new tokens, greedy; best of alternating runs.",
              "", "| mesh (data, fsdp, tensor) | fsdp weights tokens/s | gathered once tokens/s | gathered / fsdp |",

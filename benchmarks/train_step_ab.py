@@ -4,21 +4,18 @@ in one process on the model and batch of `spacejax bench throughput`.
 
     python benchmarks/train_step_ab.py [--rev 78bb7f5] [--repeats 10] [--write]
 
-The earlier step is `spacejax/train.py` of `--rev` (read with `git show`) run on this tree's model
-and losses, so the only difference is the step itself. Each round times one call of each, in turn;
+The earlier step is `spacejax.train` of `--rev` (`revision.module_at`: that revision's package,
+its model and losses included, imported beside this tree). Each round times one call of each, in turn;
 the figures are the best and the median call, and new / old as a ratio of best calls.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,25 +23,13 @@ import jax
 import numpy as np
 
 from spacejax import config, model
-from spacejax.bench import throughput
+from spacejax.bench import machine, throughput
 
 import report  # benchmarks/report.py: the BENCHMARKS.md sections
+import revision  # benchmarks/revision.py: an earlier revision's spacejax beside this one
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "train_step_ab"
-
-
-def old_train_module(rev: str):
-    """spacejax/train.py as it was at `rev`, imported as its own module."""
-    source = subprocess.run(["git", "show", f"{rev}:spacejax/train.py"], cwd=ROOT, check=True, capture_output=True,
-                            text=True).stdout
-    path = Path(tempfile.mkdtemp()) / f"train_at_{rev}.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up while it loads
-    spec.loader.exec_module(module)
-    return module
 
 
 def old_step_call(old, run_cfg: config.RunConfig, params, batch):
@@ -78,7 +63,7 @@ def main(argv=None) -> dict:
     score = throughput.score_part(run_cfg, params, jax.device_put(throughput.score_rows(batch)))
     batch = jax.device_put(throughput.with_opponent(batch, score.call()[0]))
     calls = {"traced (this tree)": throughput.train_part(run_cfg, params, batch).call,
-             f"constants ({args.rev})": old_step_call(old_train_module(args.rev), run_cfg, params, batch)}
+             f"constants ({args.rev})": old_step_call(revision.module_at(args.rev, "spacejax.train"), run_cfg, params, batch)}
     seconds = {name: [] for name in calls}
     for name, call in calls.items():
         jax.block_until_ready(call())  # compiled; one warm call each
@@ -87,7 +72,7 @@ def main(argv=None) -> dict:
             started = time.perf_counter()
             jax.block_until_ready(call())
             seconds[name].append(time.perf_counter() - started)
-    peak = throughput.measure_matmul_peak()
+    peak = machine.measure_matmul_peak()
     new, old = (min(s) for s in seconds.values())
     lines = [f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__}, "
              f"matmul peak {peak / 1e9:.0f} GFLOP/s, 1-minute load {load:.2f}",

@@ -75,7 +75,7 @@ def load_params(directory, shardings: Optional[dict] = None, **overrides) -> tup
     directory = Path(directory).absolute()
     cfg = load_config(directory)
     cfg = dataclasses.replace(cfg, **overrides)
-    abstract = jax.eval_shape(lambda: model.init(cfg, jax.random.key(0)))
+    abstract = model.param_shapes(cfg)
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: device, abstract)

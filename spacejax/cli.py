@@ -187,9 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="B,B,...", help="generate batch sizes (default 8,32)")
     p.add_argument("--repeats", type=int, default=5, help="rounds, each timing one call of every part in turn (after a "
                    "warm-up call); each part's best call counts")
-    p.add_argument("--matmul-size", type=int, default=bench.throughput.MATMUL_SIZE,
+    p.add_argument("--matmul-size", type=int, default=bench.machine.MATMUL_SIZE,
                    help="side of the square matmul measuring the peak (default 2048)")
-    p.add_argument("--bandwidth-bytes", type=int, default=bench.throughput.BANDWIDTH_BYTES,
+    p.add_argument("--bandwidth-bytes", type=int, default=bench.machine.BANDWIDTH_BYTES,
                    help="size of the array the bandwidth reduction reads (default 256 MiB)")
     p.add_argument("--profile", metavar="DIR", help="also trace one call of each part into DIR (jax.profiler) "
                                                    "and put its top XLA ops in the JSON and the table")

@@ -1,15 +1,7 @@
-"""Chat data: read rows offline, tokenize them with the chat template, pad into length buckets.
+"""Chat data: tokenize rows with the chat template, truncate them, pad them into length buckets.
 
-Sources (``read_rows``), all read offline:
-    "path/to/file.jsonl"     one JSON object per line (blank lines ignored)
-    "path/to/file.parquet"   one row per record
-    "path/to/dir"            a ``datasets.Dataset.save_to_disk`` directory, or a ``DatasetDict``
-                             one (pick the split with ``split=``; needed when it has several)
-    "tfds:NAME"              a TFDS dataset prepared as array_record files, read with
-                             ``tfds.data_source(NAME, split=split or "train", data_dir=data_dir)``
-                             (the optional ``tfds`` extra; no TensorFlow needed). Chat turns are
-                             stored either as a JSON-encoded string feature (``messages``, ``real``,
-                             ``generated``) or as ``Sequence({"role": Text, "content": Text})``.
+Rows come from ``spacejax.sources.read_rows`` (jsonl, parquet, ``datasets`` directories, TFDS
+array_record: the formats are in its docstring); ``load_examples`` reads and tokenizes a source.
 
 Row shapes (``tokenize_row``):
     UltraChat  {"messages": [{"role", "content"}, ...], ...}: the response is the LAST assistant
@@ -28,9 +20,10 @@ response = encode(content) + [EOS]. Truncation (SPIN): the prompt keeps its last
 The prompt is cut even when the example would fit, so a prompt sampled for self-play and the
 prompt it is scored under are the same tokens.
 
-Batches (``collate``; ``pad_pairs`` for K synthetic responses per prompt), right-padded to ``L`` = the smallest bucket (from
-``buckets`` clipped to ``max_length``, with ``max_length`` itself the last) that fits the longest
-row:
+Batches (``pad_sequences``; ``pad_pairs`` for K synthetic responses per prompt), right-padded to a
+length ``L``; for training batches ``L = bucket_length(longest row, max_length, buckets)``, the
+smallest bucket (from ``buckets`` clipped to ``max_length``, with ``max_length`` itself the last)
+that fits the longest row:
     tokens          int32   [B, L]  prompt, then response (ends in EOS unless cut), then pad_id
     loss_mask       float32 [B, L]  1.0 exactly on response tokens (incl. EOS), else 0.0
     attention_mask  int32   [B, L]  1 on prompt and response tokens, 0 on padding
@@ -38,28 +31,22 @@ row:
 ``sequence_logps(logits, tokens, loss_mask)`` sums log p(tokens[t] | tokens[<t]) over the t with
 loss_mask[t] = 1; the first response token is predicted from the last prompt position.
 """
-
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from spacejax import sources
+from spacejax.sources import DataError
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_BUCKETS = (64, 128, 256, 512, 1024)
 ROLES = ("system", "user", "assistant")
-TFDS_PREFIX = "tfds:"
-_JSON_FIELDS = ("messages", "real", "generated")
-
-
-class DataError(ValueError):
-    """Bad input data: the message names the file, the row or line, and what to do."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -76,116 +63,6 @@ class Example:
     real_ids: np.ndarray
     generated_ids: np.ndarray | None = None
     row_index: int = -1
-
-
-# ----------------------------------------------------------------------------- reading sources
-
-
-def read_rows(source: str | os.PathLike, *, split: str | None = None,
-              data_dir: str | os.PathLike | None = None) -> list[dict]:
-    """Read all rows of ``source`` (see the module docstring) as a list of dicts, offline.
-
-    ``split`` picks a split of a DatasetDict directory or a TFDS dataset (default "train");
-    ``data_dir`` is the TFDS data directory. Raises FileNotFoundError for a missing source and
-    DataError for a malformed file (a bad JSON line is named by its line number).
-    """
-    if isinstance(source, str) and source.startswith(TFDS_PREFIX):
-        return _read_tfds(source[len(TFDS_PREFIX):], split=split or "train", data_dir=data_dir)
-    path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path}: no such file or directory. Pass a .jsonl or .parquet file, a directory "
-            f"written by datasets' save_to_disk, or '{TFDS_PREFIX}NAME' for a prepared TFDS dataset.")
-    if path.is_dir():
-        return _read_saved_dataset(path, split)
-    if path.suffix == ".jsonl":
-        return _read_jsonl(path)
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
-    raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .parquet, a "
-                    f"save_to_disk directory or '{TFDS_PREFIX}NAME'.")
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {line_number} is not valid JSON ({e.msg}, column "
-                                f"{e.colno}); every line of a .jsonl file must be one JSON object.") from None
-    return rows
-
-
-def _read_saved_dataset(path: Path, split: str | None) -> list[dict]:
-    import datasets
-
-    if (path / "dataset_dict.json").exists():
-        dataset_dict = datasets.load_from_disk(str(path))
-        splits = sorted(dataset_dict)
-        if split is None and len(splits) == 1:
-            split = splits[0]
-        if split not in dataset_dict:
-            raise DataError(f"{path}: a DatasetDict with splits {splits}; pass split= one of them "
-                            f"(got {split!r}).")
-        return dataset_dict[split].to_list()
-    if (path / "state.json").exists():
-        return datasets.load_from_disk(str(path)).to_list()
-    raise DataError(f"{path}: a directory, but not one written by datasets' save_to_disk (no "
-                    "dataset_dict.json or state.json); pass a .jsonl or .parquet file instead.")
-
-
-def _read_tfds(name: str, *, split: str, data_dir: str | os.PathLike | None) -> list[dict]:
-    try:
-        import tensorflow_datasets as tfds
-    except ImportError:
-        raise ImportError(f"reading '{TFDS_PREFIX}{name}' needs tensorflow-datasets and array_record: "
-                          "pip install 'spacejax[tfds]'") from None
-    try:
-        source = tfds.data_source(name, split=split, data_dir=None if data_dir is None else str(data_dir))
-    except tfds.core.DatasetNotFoundError:
-        raise FileNotFoundError(
-            f"{TFDS_PREFIX}{name}: no prepared TFDS dataset {name!r} in data_dir={data_dir}; prepare "
-            "it with builder.download_and_prepare(file_format='array_record') or fix data_dir.") from None
-    rows, chunk = [], 1024
-    for start in range(0, len(source), chunk):
-        keys = list(range(start, min(start + chunk, len(source))))
-        rows += [_from_tfds_record(record) for record in source.__getitems__(keys)]
-    return rows
-
-
-def _plain(value: Any) -> Any:
-    """numpy / bytes values of a TFDS record -> plain Python (str, int, float, list, dict)."""
-    if isinstance(value, bytes):
-        return value.decode("utf-8")
-    if isinstance(value, np.ndarray):
-        return [_plain(v) for v in value] if value.dtype.kind in "OSU" else value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _from_tfds_record(record: dict) -> dict:
-    row = _plain(record)
-    for field in _JSON_FIELDS:
-        value = row.get(field)
-        if isinstance(value, str):  # a JSON-encoded list of turns
-            try:
-                row[field] = json.loads(value)
-            except json.JSONDecodeError:
-                pass  # left as a string: tokenize_row reports it as a bad row
-        elif isinstance(value, dict) and set(value) == {"role", "content"}:  # Sequence of dicts
-            row[field] = [{"role": r, "content": c} for r, c in zip(value["role"], value["content"])]
-    return row
 
 
 # ----------------------------------------------------------------------------- parsing rows
@@ -360,8 +237,8 @@ def load_examples(source: str | os.PathLike, tokenizer=None, *, max_length: int,
                   max_prompt_length: int, split: str | None = None,
                   data_dir: str | os.PathLike | None = None, skip_bad_rows: bool = False,
                   vocab_size: int | None = None) -> tuple[list[Example], int]:
-    """``read_rows`` then ``tokenize_rows``: (examples, number of bad rows skipped)."""
-    rows = read_rows(source, split=split, data_dir=data_dir)
+    """``sources.read_rows`` then ``tokenize_rows``: (examples, number of bad rows skipped)."""
+    rows = sources.read_rows(source, split=split, data_dir=data_dir)
     name = str(source) if split is None else f"{source} [{split}]"
     return tokenize_rows(rows, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
                          source=name, skip_bad_rows=skip_bad_rows, vocab_size=vocab_size)
@@ -397,17 +274,6 @@ def pad_sequences(prompts: Sequence[np.ndarray], responses: Sequence[np.ndarray]
         loss_mask[i, len(prompt):end] = 1.0
         attention_mask[i, :end] = 1
     return {"tokens": tokens, "loss_mask": loss_mask, "attention_mask": attention_mask}
-
-
-def collate(examples: Sequence[Example], *, pad_id: int, max_length: int,
-            buckets: Sequence[int] = DEFAULT_BUCKETS) -> dict[str, np.ndarray]:
-    """Prompt + real response of each example -> {tokens, loss_mask, attention_mask}, each [B, L]."""
-    if not examples:
-        raise ValueError("cannot collate an empty batch")
-    longest = max(len(e.prompt_ids) + len(e.real_ids) for e in examples)
-    length = bucket_length(longest, max_length, buckets)
-    return pad_sequences([e.prompt_ids for e in examples], [e.real_ids for e in examples],
-                         length=length, pad_id=pad_id)
 
 
 def pad_pairs(prompts: Sequence[np.ndarray], reals: Sequence[np.ndarray],

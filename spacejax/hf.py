@@ -227,7 +227,7 @@ def load(path, **overrides) -> tuple[ModelConfig, dict]:
         raise CheckpointError(f"{path / 'config.json'} not found: pass a Hugging Face model directory")
     cfg = config_from_hf(transformers.AutoConfig.from_pretrained(path), **overrides)
     files = _checkpoint_files(path)
-    shapes = jax.eval_shape(lambda: model.init(cfg, jax.random.key(0)))
+    shapes = model.param_shapes(cfg)
     tensors = tensor_map(cfg)
     wanted = {}
     for tensor in tensors:

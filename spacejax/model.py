@@ -8,7 +8,12 @@ Flax Linen modules behind a functional facade, so params are a plain pytree:
 Shapes: B batch, L new tokens, S cache slots, H hidden, N query heads, K kv heads, D head dim,
 V vocabulary. Layers are stacked on a leading axis and run with `nn.scan`; every parameter
 carries logical axis names (`vocab, embed, mlp, heads, kv_heads, head_dim, norm, layers`) that
-`sharding.py` maps to the mesh.
+`axes.LOGICAL_RULES` maps to the mesh.
+
+One forward serves training, scoring and generation. With a cache the same layers run unrolled
+on per-layer weights (`decode_params`: `layers_0`, `layers_1`, ...), because a loop over stacked
+layers copies each layer's weights out at every decode step; the sampler makes that layout once
+per call. The cache keeps a next slot per row, so rows can be written independently.
 
 Padding: `attention_mask [B, L]` marks real tokens. Padded tokens are never attended to; their
 own outputs are finite but meaningless. Positions default to the running count of real tokens,
@@ -19,6 +24,7 @@ sliding window masks keys with `q_pos - k_pos >= window`, as Mistral does.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -27,7 +33,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from spacejax.config import BATCH_AXES, TENSOR_AXIS, ModelConfig
+from spacejax import axes
+from spacejax.config import ModelConfig
 
 INIT_STD = 0.02  # Hugging Face's initializer_range for these families
 MASKED_SCORE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully masked rows give no NaN
@@ -40,28 +47,40 @@ REMAT_POLICIES = {
 
 @struct.dataclass
 class Cache:
-    """Key/value cache for incremental decoding.
+    """Key/value cache for incremental decoding, with a next slot per row.
 
-    keys, values:   [layers, B, S, K, D] in the compute dtype.
+    keys, values:   one [B, K, S, D] per layer, in the compute dtype (heads before slots: the
+                    layout both attention products read without a transpose).
     key_positions:  [B, S] int32 position of the token held in each slot, -1 for empty or padding.
-    index:          [] int32, the next free slot (the same for every row: batches are left-padded).
+    index:          [B] int32, each row's next free slot: a call with L tokens writes row b's
+                    tokens (padding included, at position -1) to slots index[b] .. index[b] + L - 1.
     """
 
-    keys: jax.Array
-    values: jax.Array
+    keys: tuple
+    values: tuple
     key_positions: jax.Array
     index: jax.Array
 
 
+CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")  # logical names of a layer's keys / values
+
+
 def init_cache(cfg: ModelConfig, batch_size: int, max_length: int) -> Cache:
     """An empty cache with `max_length` slots; callers size it for prompt plus new tokens."""
-    shape = (cfg.num_layers, batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
+    shape = (batch_size, cfg.num_kv_heads, max_length, cfg.head_dim)
     return Cache(
-        keys=jnp.zeros(shape, cfg.dtype),
-        values=jnp.zeros(shape, cfg.dtype),
+        keys=tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.num_layers)),
+        values=tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.num_layers)),
         key_positions=jnp.full((batch_size, max_length), -1, jnp.int32),
-        index=jnp.zeros((), jnp.int32),
+        index=jnp.zeros((batch_size,), jnp.int32),
     )
+
+
+def write_rows(buffer: jax.Array, update: jax.Array, index: jax.Array, axis: int = 1) -> jax.Array:
+    """buffer [B, ..., S, ...] with update [B, ..., L, ...] written to slots index[b] .. index[b] + L - 1
+    of each row b along `axis` (index [B] int32)."""
+    write = lambda row, new, start: jax.lax.dynamic_update_slice_in_dim(row, new, start, axis=axis - 1)  # noqa: E731
+    return jax.vmap(write)(buffer, update.astype(buffer.dtype), index)
 
 
 def rope_inverse_frequencies(cfg: ModelConfig) -> jax.Array:
@@ -109,13 +128,10 @@ def attention_mask_for(cfg: ModelConfig, query_positions: jax.Array, key_positio
 
 
 def split_batch(x: jax.Array) -> jax.Array:
-    """Keep an activation [B, ...] split over the batch axes of the mesh in context
+    """Keep an activation [B, ...] split by the `batch` rule on the mesh in context
     (`jax.set_mesh`), so fsdp-sharded weights do not leave activations replicated over fsdp.
-    Without a mesh in context (or one without those axes) it is the identity."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
-        return x
-    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(BATCH_AXES, *([None] * (x.ndim - 1))))
+    Without a mesh in context it is the identity."""
+    return axes.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
 
 
 def _param_init(names: tuple[str, ...]):
@@ -150,26 +166,33 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, cos, sin, mask, layer_cache, cache_index):
         """x [B, L, H]; cos, sin [B, L, D]; mask [B, L, S] with S = L without a cache, the cache
-        length with one; layer_cache: None or (keys, values) [B, S, K, D]. Returns ([B, L, H], cache)."""
+        length with one; layer_cache: None or (keys, values) [B, K, S, D], written at the rows'
+        slots cache_index [B]. Returns ([B, L, H], cache)."""
         cfg = self.cfg
         q = self._projection("q_proj", cfg.num_heads, "heads", cfg.qkv_bias)(x)
         k = self._projection("k_proj", cfg.num_kv_heads, "kv_heads", cfg.qkv_bias)(x)
         v = self._projection("v_proj", cfg.num_kv_heads, "kv_heads", cfg.qkv_bias)(x)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if layer_cache is not None:
+        if layer_cache is None:
+            keys = "bskd"  # as projected
+        else:  # the cache's heads-first layout, which the decode step's products read fastest
+            keys = "bksd"
             cached_k, cached_v = layer_cache
-            start = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(cached_k, k.astype(cached_k.dtype), start)
-            v = jax.lax.dynamic_update_slice(cached_v, v.astype(cached_v.dtype), start)
+            k = write_rows(cached_k, k.transpose(0, 2, 1, 3), cache_index, axis=2)
+            v = write_rows(cached_v, v.transpose(0, 2, 1, 3), cache_index, axis=2)
             layer_cache = (k, v)
         batch, length = q.shape[:2]
         groups = cfg.num_heads // cfg.num_kv_heads
         q = q.reshape(batch, length, cfg.num_kv_heads, groups, cfg.head_dim)
-        scores = jnp.einsum("blkgd,bskd->bkgls", q, k, preferred_element_type=jnp.float32)
+        scores = jnp.einsum(f"blkgd,{keys}->bkgls", q, k, preferred_element_type=jnp.float32)
         scores = scores / math.sqrt(cfg.head_dim)
         scores = jnp.where(mask[:, None, None, :, :], scores, MASKED_SCORE)
         probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
-        out = jnp.einsum("bkgls,bskd->blkgd", probs, v).reshape(batch, length, cfg.num_heads, cfg.head_dim)
+        if layer_cache is None:
+            out = jnp.einsum("bkgls,bskd->blkgd", probs, v)
+        else:  # batched over (b, k) like the scores: XLA:CPU runs the "->blkgd" form as a slow generic dot
+            out = jnp.einsum("bkgls,bksd->bkgld", probs, v).transpose(0, 3, 1, 2, 4)
+        out = out.reshape(batch, length, cfg.num_heads, cfg.head_dim)
         out = nn.DenseGeneral(
             features=cfg.hidden_size, axis=(-2, -1), use_bias=cfg.out_bias, name="o_proj",
             dtype=cfg.dtype, param_dtype=cfg.param_dtype,
@@ -216,29 +239,29 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, tokens, positions, attention_mask, cache: Optional[Cache], project: bool = True):
         """tokens, positions [B, L] int32; attention_mask [B, L] bool -> (logits [B, L, V] f32, cache),
-        or with project=False (hidden states [B, L, H] after the final norm, None): no cache then."""
+        or with project=False (hidden states [B, L, H] after the final norm, None): no cache then.
+        Without a cache the layers are a scan over the stacked `layers` params; with one they run
+        unrolled on the per-layer params of `decode_params`."""
         cfg = self.cfg
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                          embedding_init=_param_init(("vocab", "embed")), name="embed_tokens")
         x = split_batch(embed(tokens))
         cos, sin = rope_cos_sin(cfg, positions)
-        new_key_positions = jnp.where(attention_mask, positions, -1)
+        new_key_positions = jnp.where(attention_mask, positions, -1).astype(jnp.int32)
         if cache is None:
-            key_positions, layer_caches, cache_index = new_key_positions, None, None
+            mask = attention_mask_for(cfg, positions, new_key_positions)
+            x, _ = self._layer_stack()(x, None, cos, sin, mask, None)
         else:
-            key_positions = jax.lax.dynamic_update_slice(
-                cache.key_positions, new_key_positions.astype(jnp.int32), (0, cache.index))
-            layer_caches, cache_index = (cache.keys, cache.values), cache.index
-        mask = attention_mask_for(cfg, positions, key_positions)
-
-        block = Block
-        if cfg.remat != "none":
-            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        layers = nn.scan(
-            block, variable_axes={"params": 0}, split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-            length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
-        x, layer_caches = layers(x, layer_caches, cos, sin, mask, cache_index)
+            key_positions = write_rows(cache.key_positions, new_key_positions, cache.index)
+            mask = attention_mask_for(cfg, positions, key_positions)
+            keys, values = [], []
+            for i in range(cfg.num_layers):
+                x, (layer_keys, layer_values) = Block(cfg, name=f"layers_{i}")(
+                    x, (cache.keys[i], cache.values[i]), cos, sin, mask, cache.index)
+                keys.append(layer_keys)
+                values.append(layer_values)
+            cache = Cache(keys=tuple(keys), values=tuple(values), key_positions=key_positions,
+                          index=cache.index + tokens.shape[1])
         x = RMSNorm(cfg, name="norm")(x)
         if not project:
             return x, None
@@ -247,11 +270,17 @@ class Transformer(nn.Module):
         else:
             logits = nn.Dense(cfg.vocab_size, use_bias=False, name="lm_head", dtype=cfg.dtype,
                               param_dtype=cfg.param_dtype, kernel_init=_param_init(("embed", "vocab")))(x)
-        if cache is not None:
-            keys, values = layer_caches
-            cache = Cache(keys=keys, values=values, key_positions=key_positions,
-                          index=cache.index + tokens.shape[1])
         return logits.astype(jnp.float32), cache
+
+    def _layer_stack(self):
+        """The decoder layers as one scanned module over params stacked on a leading axis."""
+        block = Block
+        if self.cfg.remat != "none":
+            block = nn.remat(Block, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
+        return nn.scan(
+            block, variable_axes={"params": 0}, split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=self.cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(self.cfg, name="layers")
 
 
 def init(cfg: ModelConfig, rng: jax.Array) -> dict:
@@ -264,10 +293,33 @@ def _boxed_init(cfg: ModelConfig, rng: jax.Array) -> dict:
     return Transformer(cfg).init(rng, tokens, tokens, tokens >= 0, None)["params"]
 
 
+def param_shapes(cfg: ModelConfig) -> dict:
+    """The params pytree as `jax.ShapeDtypeStruct` leaves, computed without allocating any."""
+    return jax.eval_shape(lambda: init(cfg, jax.random.key(0)))
+
+
 def logical_axes(cfg: ModelConfig) -> dict:
     """The params pytree with each leaf replaced by its PartitionSpec of logical axis names."""
     boxed = jax.eval_shape(lambda rng: _boxed_init(cfg, rng), jax.random.key(0))
     return nn.get_partition_spec(boxed)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _unstack_layers(cfg: ModelConfig, layers: dict) -> dict:
+    return {f"layers_{i}": jax.tree.map(lambda leaf: leaf[i], layers) for i in range(cfg.num_layers)}
+
+
+def decode_params(cfg: ModelConfig, params: dict) -> dict:
+    """The params in the layout `apply` decodes with: the stacked `layers` split into `layers_0`,
+    `layers_1`, ... (each leaf without the leading layer axis): a decode step then reads each
+    layer's weights in place, where a loop over the stack copies them out at every step. One extra
+    copy of the layer weights; the embedding, final norm and head are `params`' own arrays. A
+    caller decoding from the same params many times makes it once. Params already in this layout
+    come back as they are."""
+    if "layers" not in params:
+        return params
+    return {**{name: value for name, value in params.items() if name != "layers"},
+            **_unstack_layers(cfg, params["layers"])}
 
 
 def default_positions(attention_mask: jax.Array, cache: Optional[Cache] = None) -> jax.Array:
@@ -293,9 +345,13 @@ def apply(cfg: ModelConfig, params: dict, tokens: jax.Array, positions: Optional
 
     tokens [B, L] int32; positions [B, L] int32 (default: see `default_positions`);
     attention_mask [B, L] (default all real); cache: None for a full forward, or a `Cache` whose
-    free slots hold at least L more tokens. Returns (logits [B, L, V] float32, updated cache or None).
+    free slots hold at least L more tokens in every row. Returns (logits [B, L, V] float32, updated
+    cache or None). With a cache, pass `decode_params(cfg, params)` when calling it in a loop:
+    stacked params are unstacked at every call.
     """
     attention_mask, positions = _masks_and_positions(tokens, positions, cache, attention_mask)
+    if cache is not None:
+        params = decode_params(cfg, params)
     return Transformer(cfg).apply({"params": params}, tokens, positions, attention_mask, cache)
 
 
@@ -311,16 +367,12 @@ def hidden_states(cfg: ModelConfig, params: dict, tokens: jax.Array, positions: 
 def output_kernel(cfg: ModelConfig, params: dict) -> jax.Array:
     """[H, V] vocabulary projection in the compute dtype (the embedding's transpose when tied).
 
-    Under a mesh in context (`jax.set_mesh`) it is gathered over the batch axes here, once, and
-    stays split over `tensor` along V where that divides: a loss that loops over chunks of
-    positions then reads one gathered copy instead of gathering inside its loop (on XLA:CPU a
-    collective inside a loop can also deadlock against the step's other collectives)."""
+    Under a mesh in context (`jax.set_mesh`) it is laid out as (replicated, `vocab`): gathered over
+    fsdp here, once, and split along V by the vocab rule. A loss that loops over chunks of positions
+    must read this one gathered copy: a gather inside its loop would repeat per chunk, and on XLA:CPU
+    a collective inside a loop can deadlock against the step's other collectives."""
     kernel = params["embed_tokens"]["embedding"].T if cfg.tie_word_embeddings else params["lm_head"]["kernel"]
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and TENSOR_AXIS in mesh.axis_names:
-        vocab_axis = TENSOR_AXIS if cfg.vocab_size % mesh.shape[TENSOR_AXIS] == 0 else None
-        kernel = jax.lax.with_sharding_constraint(kernel, jax.sharding.PartitionSpec(None, vocab_axis))
-    return kernel.astype(cfg.dtype)
+    return axes.constrain(kernel, (None, "vocab")).astype(cfg.dtype)
 
 
 def num_params(params: dict) -> int:

@@ -3,9 +3,9 @@
     spacejax plan --config configs/zephyr7b_space.yaml --devices 64 --hbm-gib 95
 
 Nothing is allocated and no device is needed: parameter and optimizer-state shapes come from
-`jax.eval_shape`, their per-device shard shapes from `NamedSharding.shard_shape` over a
-`jax.sharding.AbstractMesh` of N devices built with the config's axis sizes (one -1 filled from
-N), using the same logical rules as `sharding.spec_for`.
+`jax.eval_shape` (`model.param_shapes`), their per-device shard shapes from
+`NamedSharding.shard_shape` of `sharding.param_shardings` over a `jax.sharding.AbstractMesh` of N
+devices with the config's axis sizes (`sharding.mesh_sizes`: one -1 filled from N).
 
 Phases. Training, generation and opponent scoring never run at the same time, so
 
@@ -16,7 +16,7 @@ phase and each phase adds its own:
 
     train step  = optimizer state + gradients + saved activations + max(one layer's backward
                   workspace, logits/loss)
-    generation  = the decode weights copy (`sampler.step_params`) + KV cache + prefill workspace
+    generation  = decode layout of the layer weights + KV cache + prefill workspace
     scoring     = max(one layer's forward workspace, logits) of a forward-only pass
 
 Activation formula (per device). r rows on the device = the phase's rows / (data x fsdp) when
@@ -40,21 +40,31 @@ works on one layer (`workspace`):
                   + 2 W                                      the layer's weights gathered over
                                                               fsdp, and their full gradient
     activations = n saved(policy) + workspace
-    logits/loss = 2 r L V 4 (+ r L V a with bf16 compute)    float32 logits and their gradient
-                  + 2 V H p                                  the gathered lm_head and its gradient
+    logits/loss = r L' V a                                   d logp / d logits at every position
+                  + 2 r c V 4                                float32 logits and softmax of a chunk
+                  + V H a + V H 4                            the output kernel whole in the
+                                                              compute dtype and its float32
+                                                              gradient, where they are not the
+                                                              param and its gradient themselves
 
-W is one layer's parameters in the param dtype, unsharded over fsdp. The coefficients are the
-residuals JAX's autodiff keeps for this model's layer after XLA's fusion, read off XLA's buffer
-assignment; against `compiled.memory_analysis()` on 8 CPU devices (tests/test_plan.py) the
-estimate / XLA ratio of the whole step is 0.89-0.92 for remat none (XLA:CPU keeps a few more
-gradient temporaries), 1.00-1.01 for full and 1.09-1.11 for dots; scoring 1.08-1.09. Forward only (scoring, prefill) keeps nothing per layer:
+W is one layer's parameters in the param dtype, unsharded over fsdp. The loss never holds
+[r, L, V] logits (`losses.sequence_logps_from_hidden`, also what scoring runs): it projects the
+final hidden states in chunks of c = `losses.LOGIT_CHUNK_LENGTH` positions (L' = L padded to whole
+chunks) and, differentiated, keeps one full-size tensor, d logp / d logits [r, L', V] in the
+compute dtype, which its backward multiplies by. The coefficients are the residuals JAX's
+autodiff keeps for this model's layer after XLA's fusion, read off XLA's buffer assignment;
+against `compiled.memory_analysis()` on 8 CPU devices (tests/test_plan.py) the estimate / XLA
+ratio of the whole step is 0.89-0.91 for remat none (XLA:CPU keeps a few more gradient
+temporaries), 1.01 for full and 1.08 for dots, 1.00-1.05 where the vocabulary dominates; scoring
+1.00-1.09. Forward only (scoring, prefill) keeps nothing per layer:
 
-    forward workspace = 2 u_h + u_q + 2 u_kv + 2 u_f + u_s + W;  logits = r L V 4 + V H p
+    forward workspace = 2 u_h + u_q + 2 u_kv + 2 u_f + u_s + W;  logits = 2 r c V 4 + V H a
 
 Generation: the KV cache is 2 n r S K D a (+ r S 4 of key positions) with S = the prompt bucket
 (the power of two >= data.max_prompt_length, as `sampler.generate` pads) - 1 + max_new_tokens,
-r = sampler.batch_size rows / (data x fsdp); `sampler.generate` also holds `step_params`, a
-second copy of the weights in the decode layout (counted at the params' per-device size).
+r = sampler.batch_size rows / (data x fsdp). `sampler.generate` decodes on `model.decode_params`:
+the stacked layer weights split into one array per layer, a copy of them at their per-device
+size (the embedding, final norm and head are the params' own arrays).
 
 Assumptions: activations are split over (data, fsdp) as DESIGN.md's rules say; the optimizer
 state is sharded like the params; the step's loss is computed at the longest bucket L =
@@ -73,7 +83,7 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
-from spacejax import model, sharding, train
+from spacejax import axes, config, losses, model, sharding, train
 from spacejax.config import ConfigError, ModelConfig, RunConfig
 
 GIB = 2**30
@@ -84,31 +94,12 @@ MIN_PROMPT_BUCKET = 16  # sampler.MIN_BUCKET: prompts are left-padded to powers 
 # ----------------------------------------------------------------------------------- the mesh
 
 
-def mesh_sizes(cfg: RunConfig, devices: int) -> tuple[dict[str, int], list[str]]:
-    """The config's axis sizes with the -1 filled from `devices`, and notes on the device count."""
-    sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor]
-    known = math.prod(s for s in sizes if s != -1)
-    notes = []
-    if -1 in sizes:
-        if devices % known:
-            raise ConfigError(f"mesh sizes {dict(zip(sharding.AXES, sizes))}: {devices} devices are not "
-                              f"divisible by {known}")
-        sizes[sizes.index(-1)] = devices // known
-    product = math.prod(sizes)
-    if product > devices:
-        raise ConfigError(f"mesh sizes {dict(zip(sharding.AXES, sizes))} need {product} devices, only "
-                          f"{devices} given")
-    if product < devices:
-        notes.append(f"the mesh uses {product} of the {devices} devices (set one axis to -1 to use all)")
-    return dict(zip(sharding.AXES, sizes)), notes
-
-
 def abstract_mesh(sizes: dict[str, int]) -> AbstractMesh:
     return AbstractMesh(tuple(sizes[a] for a in sharding.AXES), sharding.AXES)
 
 
-def _shards(mesh, axes) -> int:
-    return math.prod(mesh.shape[a] for a in axes)
+def _shards(mesh, mesh_axes) -> int:
+    return math.prod(mesh.shape[a] for a in mesh_axes)
 
 
 def _split(size: int, shards: int) -> float:
@@ -124,36 +115,37 @@ def _leaf_bytes(shape_dtype, named_sharding: NamedSharding) -> int:
     return int(math.prod(shape)) * np.dtype(shape_dtype.dtype).itemsize
 
 
-def param_shardings(model_cfg: ModelConfig, mesh):
-    """(abstract params, their NamedShardings on `mesh`): what `selfplay.param_shardings` places."""
-    shapes = jax.eval_shape(lambda: model.init(model_cfg, jax.random.key(0)))
-    return shapes, sharding.tree_shardings(model.logical_axes(model_cfg), shapes, mesh)
-
-
 def state_shardings(cfg: RunConfig, mesh):
     """(abstract TrainState, its shardings), as the loop places it (train.state_shardings)."""
-    shapes, shardings = param_shardings(cfg.model, mesh)
+    shapes = model.param_shapes(cfg.model)
     state = jax.eval_shape(lambda p: train.create_state(p, cfg.train), shapes)
-    return state, train.state_shardings(cfg.train, shapes, shardings, NamedSharding(mesh, PartitionSpec()))
+    return state, train.state_shardings(cfg.train, shapes, sharding.param_shardings(cfg.model, mesh),
+                                        NamedSharding(mesh, PartitionSpec()))
 
 
 def tree_bytes(shapes, shardings) -> int:
     return sum(jax.tree.leaves(jax.tree.map(_leaf_bytes, shapes, shardings)))
 
 
+def param_bytes(model_cfg: ModelConfig, mesh) -> int:
+    """Per-device bytes of the params placed by `sharding.param_shardings`."""
+    return tree_bytes(model.param_shapes(model_cfg), sharding.param_shardings(model_cfg, mesh))
+
+
 def replicated_dims(model_cfg: ModelConfig, mesh) -> list[str]:
-    """Parameter dimensions whose mesh axes do not divide them (so they stay replicated)."""
-    shapes = jax.eval_shape(lambda: model.init(model_cfg, jax.random.key(0)))
+    """Parameter dimensions that `sharding.param_shardings` leaves replicated although their
+    logical rule splits them over more than one device: their mesh axes do not divide them."""
     found = {}
     is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
 
-    def visit(logical, leaf):
-        for name, size in zip(tuple(logical), leaf.shape):
-            axes = sharding.LOGICAL_RULES.get(name) if name else None
-            if axes and _shards(mesh, axes) > 1 and size % _shards(mesh, axes):
-                found[name] = f"{name} ({size}) is not divisible by {' x '.join(axes)} = {_shards(mesh, axes)}"
+    def visit(logical, leaf, placed):
+        for name, size, split in zip(tuple(logical), leaf.shape, tuple(placed.spec)):
+            wanted = axes.LOGICAL_RULES.get(name) if name else None
+            if wanted and split is None and _shards(mesh, wanted) > 1:
+                found[name] = f"{name} ({size}) is not divisible by {' x '.join(wanted)} = {_shards(mesh, wanted)}"
 
-    jax.tree.map(visit, model.logical_axes(model_cfg), shapes, is_leaf=is_spec)
+    jax.tree.map(visit, model.logical_axes(model_cfg), model.param_shapes(model_cfg),
+                 sharding.param_shardings(model_cfg, mesh), is_leaf=is_spec)
     return sorted(found.values())
 
 
@@ -176,7 +168,7 @@ def units(model_cfg: ModelConfig, mesh, rows: int, length: int, keys: Optional[i
     m, tensor = model_cfg, mesh.shape["tensor"]
     a = np.dtype(m.dtype).itemsize
     p = np.dtype(m.param_dtype).itemsize
-    r = _split(rows, _shards(mesh, sharding.BATCH_AXES))
+    r = _split(rows, sharding.batch_size_divisor(mesh))
     heads, kv_heads, mlp = _split(m.num_heads, tensor), _split(m.num_kv_heads, tensor), _split(m.intermediate_size, tensor)
     keys = length if keys is None else keys
     layer_params = (m.hidden_size * (heads + 2 * kv_heads) * m.head_dim + heads * m.head_dim * m.hidden_size
@@ -205,15 +197,31 @@ def forward_workspace(u: Units) -> float:
     return 2 * u.hidden + u.query + 2 * u.kv + 2 * u.mlp + u.scores + u.layer_weights
 
 
+def padded_length(length: int) -> int:
+    """L' = L padded to whole chunks of `losses.LOGIT_CHUNK_LENGTH` positions, as the loss pads it."""
+    return -(-length // losses.LOGIT_CHUNK_LENGTH) * losses.LOGIT_CHUNK_LENGTH
+
+
 def logits_bytes(model_cfg: ModelConfig, mesh, rows: int, length: int, backward: bool) -> float:
-    """Float32 logits [r, L, V] (and their gradient, a bf16 copy, the gathered lm_head)."""
+    """Per-device bytes of the loss's vocabulary projection, `losses.sequence_logps_from_hidden`
+    over `rows` x `length` tokens (r rows per device, V split over `tensor` where it divides):
+
+    float32 logits and softmax of one chunk [r, c, V] (c = `losses.LOGIT_CHUNK_LENGTH`), and the
+    output kernel [H, V] whole in the compute dtype (a copy unless the param already is that);
+    with `backward` (the train step) also d logp / d logits [r, L', V] in the compute dtype, kept
+    by the forward for the backward, and the kernel's float32 gradient [H, V] (a buffer of its
+    own unless it already is the param's gradient). No [r, L, V] logits are ever held."""
     m = model_cfg
-    r = _split(rows, _shards(mesh, sharding.BATCH_AXES))
+    r = _split(rows, sharding.batch_size_divisor(mesh))
     vocab = _split(m.vocab_size, mesh.shape["tensor"])
     a, p = np.dtype(m.dtype).itemsize, np.dtype(m.param_dtype).itemsize
-    copies = 2 if backward else 1  # the logits, and in the train step their gradient
-    total = copies * r * length * vocab * SCORE_BYTES + (r * length * vocab * a if a != SCORE_BYTES else 0)
-    return total + copies * vocab * m.hidden_size * p
+    split = _split(m.hidden_size, mesh.shape["fsdp"]) < m.hidden_size  # the param's H is split over fsdp
+    chunks = 2 * r * losses.LOGIT_CHUNK_LENGTH * vocab * SCORE_BYTES
+    kernel = m.hidden_size * vocab * a if split or a != p else 0
+    if not backward:
+        return chunks + kernel
+    kernel_grad = m.hidden_size * vocab * SCORE_BYTES if split or p != SCORE_BYTES else 0
+    return r * padded_length(length) * vocab * a + chunks + kernel + kernel_grad
 
 
 # ----------------------------------------------------------------------------------- the plan
@@ -292,11 +300,10 @@ def train_step_bytes(cfg: RunConfig, mesh) -> float:
 
 def scoring_phase(cfg: RunConfig, mesh) -> dict[str, float]:
     """Per-device bytes of one opponent-scoring batch (forward only, sampler.batch_size rows)."""
-    shapes, shardings = param_shardings(cfg.model, mesh)
     rows, length = cfg.sampler.batch_size, cfg.data.max_length
     u = units(cfg.model, mesh, rows, length)
     work = u.hidden + max(forward_workspace(u), logits_bytes(cfg.model, mesh, rows, length, backward=False))
-    return {"params": tree_bytes(shapes, shardings), "opponent scoring": work}
+    return {"params": param_bytes(cfg.model, mesh), "opponent scoring": work}
 
 
 def scoring_bytes(cfg: RunConfig, mesh) -> float:
@@ -305,30 +312,32 @@ def scoring_bytes(cfg: RunConfig, mesh) -> float:
 
 
 def generation_phase(cfg: RunConfig, mesh) -> dict[str, float]:
-    """Per-device bytes of generation: decode weights, KV cache, prefill workspace."""
+    """Per-device bytes of generation: the resident params, the decode layout of the layer
+    weights (`model.decode_params`), KV cache, prefill workspace."""
     m = cfg.model
-    shapes, shardings = param_shardings(m, mesh)
-    params = tree_bytes(shapes, shardings)
+    layers = tree_bytes(model.param_shapes(m)["layers"], sharding.param_shardings(m, mesh)["layers"])
     prompt = prompt_bucket(cfg)
     slots = prompt - 1 + cfg.sampler.max_new_tokens
     rows = cfg.sampler.batch_size
-    r = _split(rows, _shards(mesh, sharding.BATCH_AXES))
+    r = _split(rows, sharding.batch_size_divisor(mesh))
     kv_heads = _split(m.num_kv_heads, mesh.shape["tensor"])
     a = np.dtype(m.dtype).itemsize
     cache = 2 * m.num_layers * r * slots * kv_heads * m.head_dim * a + r * slots * 4
     prefill = forward_workspace(units(m, mesh, rows, prompt, keys=slots))
-    return {"params": params, "decode weights": params, "sampler KV cache": cache, "prefill": prefill}
+    return {"params": param_bytes(m, mesh), "decode weights": layers, "sampler KV cache": cache, "prefill": prefill}
 
 
 def make_plan(cfg: RunConfig, devices: int, hbm_gib: float) -> Plan:
-    sizes, notes = mesh_sizes(cfg, devices)
+    sizes = sharding.mesh_sizes(cfg.mesh, devices)
     mesh = abstract_mesh(sizes)
-    batch_shards = sizes["data"] * sizes["fsdp"]
-    for key, value in (("train.batch_size / train.grad_accum_steps", cfg.train.batch_size // cfg.train.grad_accum_steps),
-                       ("sampler.batch_size", cfg.sampler.batch_size)):
-        if value % batch_shards:
-            notes.append(f"{key} = {value} is not divisible by data x fsdp = {batch_shards}: "
-                         "spacejax train refuses it (counted here as replicated rows)")
+    used, notes = math.prod(sizes.values()), []
+    if used < devices:
+        notes.append(f"the mesh uses {used} of the {devices} devices (set one axis to -1 to use all)")
+    batch_shards = sharding.batch_size_divisor(mesh)
+    try:
+        config.check_batch_sizes(cfg, batch_shards)
+    except ConfigError as error:
+        notes.append(f"{error}; spacejax train refuses it (counted here as replicated rows)")
     notes += [f"{d}: replicated" for d in replicated_dims(cfg.model, mesh)]
 
     t = train_step_phase(cfg, mesh)
@@ -344,10 +353,13 @@ def make_plan(cfg: RunConfig, devices: int, hbm_gib: float) -> Plan:
         Consumer("activations", t["activations"], "train",
                  f"remat {cfg.model.remat}: {cfg.model.num_layers} layers' saved + 1 layer's backward, "
                  f"{rows} rows x {length} ({per_device(rows)} per device)"),
-        Consumer("logits/loss", t["logits/loss"], "train", f"[{rows}, {length}, {cfg.model.vocab_size}] float32 + grad"),
+        Consumer("logits/loss", t["logits/loss"], "train",
+                 f"d logp/d logits [{rows}, {padded_length(length)}, {cfg.model.vocab_size}] {cfg.model.dtype} + "
+                 f"float32 chunks of {losses.LOGIT_CHUNK_LENGTH} positions"),
         Consumer("opponent scoring", s["opponent scoring"], "scoring",
                  f"forward only, {cfg.sampler.batch_size} rows x {length} ({per_device(cfg.sampler.batch_size)} per device)"),
-        Consumer("sampler decode weights", g["decode weights"], "generation", "sampler.step_params copy"),
+        Consumer("sampler decode weights", g["decode weights"], "generation",
+                 "model.decode_params: the layer weights, one array per layer"),
         Consumer("sampler KV cache", g["sampler KV cache"], "generation",
                  f"{cfg.sampler.batch_size} rows x {slots} slots, {cfg.model.dtype}"),
         Consumer("sampler prefill", g["prefill"], "generation", f"one layer's forward over {prompt_bucket(cfg)} prompt tokens"),

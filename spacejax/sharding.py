@@ -1,7 +1,8 @@
 """The device mesh ('data', 'fsdp', 'tensor') and where params, batches and caches live on it.
 
-Logical axis names (model.py annotates every parameter) map to mesh axes by `LOGICAL_RULES`.
-A dimension that its mesh axes do not divide stays replicated, so tiny models run on any mesh.
+Logical axis names (model.py annotates every parameter) map to mesh axes by
+`axes.LOGICAL_RULES`. A dimension that its mesh axes do not divide stays replicated, so tiny
+models run on any mesh.
 """
 
 from __future__ import annotations
@@ -15,38 +16,33 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from spacejax.config import BATCH_AXES, MESH_AXES as AXES, ConfigError, MeshConfig
+from spacejax import model
+from spacejax.axes import spec_for
+from spacejax.config import BATCH_AXES, MESH_AXES as AXES, ConfigError, MeshConfig, ModelConfig
 
-LOGICAL_RULES: dict[str, Optional[tuple[str, ...]]] = {
-    "batch": BATCH_AXES,
-    "embed": ("fsdp",),
-    "mlp": ("tensor",),
-    "heads": ("tensor",),
-    "kv_heads": ("tensor",),
-    "vocab": ("tensor",),
-    "length": None,
-    "head_dim": None,
-    "layers": None,
-    "norm": None,
-}
+
+def mesh_sizes(cfg: MeshConfig, devices: int) -> dict[str, int]:
+    """{axis: size} of `cfg` on `devices` devices, the one -1 (if any) filled from the device
+    count; the product may be below `devices` (then the mesh uses the first ones)."""
+    sizes = dict(zip(AXES, (cfg.data, cfg.fsdp, cfg.tensor)))
+    known = math.prod(s for s in sizes.values() if s != -1)
+    for axis, size in sizes.items():
+        if size == -1:
+            if devices % known:
+                raise ConfigError(f"mesh sizes {sizes}: {devices} devices are not divisible by {known}")
+            sizes[axis] = devices // known
+    if math.prod(sizes.values()) > devices:
+        raise ConfigError(f"mesh sizes {sizes} need {math.prod(sizes.values())} devices, found {devices}; "
+                          "set one of mesh.data/fsdp/tensor to -1")
+    return sizes
 
 
 def make_mesh(cfg: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-    """A Mesh with the sizes of `cfg` over `devices` (default: all). One size may be -1, filled
-    from the device count; sizes whose product is smaller than the device count use the first
-    devices (e.g. 1 x 1 x 1 for a single-device reference run)."""
+    """A Mesh with the sizes of `cfg` (`mesh_sizes`) over `devices` (default: all), using the
+    first devices when it needs fewer (e.g. 1 x 1 x 1 for a single-device reference run)."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
-    known = math.prod(s for s in sizes if s != -1)
-    if -1 in sizes:
-        if len(devices) % known:
-            raise ConfigError(f"mesh sizes {dict(zip(AXES, sizes))}: {len(devices)} devices are not "
-                              f"divisible by {known}")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) > len(devices):
-        raise ConfigError(f"mesh sizes {dict(zip(AXES, sizes))} need {math.prod(sizes)} devices, "
-                          f"found {len(devices)}; set one of mesh.data/fsdp/tensor to -1")
-    return Mesh(np.asarray(devices[:math.prod(sizes)]).reshape(sizes), AXES)
+    shape = tuple(mesh_sizes(cfg, len(devices)).values())
+    return Mesh(np.asarray(devices[:math.prod(shape)]).reshape(shape), AXES)
 
 
 def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
@@ -62,28 +58,24 @@ def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] =
         jax.distributed.initialize()  # a multi-host TPU slice or a SLURM job: detected by jax
 
 
-def batch_size_divisor(mesh: Mesh) -> int:
-    """Every global batch must be a multiple of this: the devices the batch is split over."""
+def batch_size_divisor(mesh) -> int:
+    """The devices of `mesh` (a Mesh or an AbstractMesh) that a global batch is split over,
+    data x fsdp: what `config.check_batch_sizes` holds every batch size to."""
     return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
 
 
-def spec_for(logical: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
-    """Logical axis names of an array -> a PartitionSpec, replicating dims that do not divide."""
-    spec = []
-    for name, size in zip(logical, shape):
-        axes = LOGICAL_RULES.get(name) if name is not None else None
-        if axes and size % math.prod(mesh.shape[a] for a in axes) == 0:
-            spec.append(axes if len(axes) > 1 else axes[0])
-        else:
-            spec.append(None)
-    return PartitionSpec(*spec)
-
-
-def tree_shardings(logical_tree, shapes_tree, mesh: Mesh):
-    """A pytree of NamedSharding for arrays with these logical names and shapes."""
+def tree_shardings(logical_tree, shapes_tree, mesh):
+    """A pytree of NamedSharding on `mesh` (a Mesh or an AbstractMesh) for arrays with these
+    logical names and shapes."""
     is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
     return jax.tree.map(lambda logical, leaf: NamedSharding(mesh, spec_for(tuple(logical), leaf.shape, mesh)),
                         logical_tree, shapes_tree, is_leaf=is_spec)
+
+
+def param_shardings(model_cfg: ModelConfig, mesh):
+    """Where the params of `model_cfg` live on `mesh` (a Mesh, or an AbstractMesh for planning):
+    a pytree of NamedSharding like `model.param_shapes(model_cfg)`, by the logical rules."""
+    return tree_shardings(model.logical_axes(model_cfg), model.param_shapes(model_cfg), mesh)
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

@@ -151,11 +151,16 @@ def sequence_logps(model_cfg: ModelConfig, params, tokens, loss_mask, attention_
     return losses.sequence_logps_from_hidden(hidden, model.output_kernel(model_cfg, params), tokens, loss_mask)
 
 
-def pair_logps(model_cfg: ModelConfig, params, batch: Batch):
-    """One forward over the real and the synthetic rows together.
-
-    Returns (real logps [B], generated logps [B, K], real counts [B], generated counts [B, K])."""
+def pair_scores(model_cfg: ModelConfig, params, batch: Batch) -> losses.Scores:
+    """What a loss reads of a pair batch: the policy's log-probs, from one forward over the real
+    and the synthetic rows together, the batch's opponent log-probs and every response's token
+    count. A batch without synthetic responses (K = 0: the SFT warm-up's, unscored) gives the
+    scores of its real responses alone, from a forward over them."""
     batch_size, k, length = batch["generated_tokens"].shape
+    if k == 0:
+        logps, counts = sequence_logps(model_cfg, params, batch["real_tokens"], batch["real_loss_mask"],
+                                       batch["real_attention_mask"])
+        return losses.Scores(logps, real_token_counts=counts)
 
     def rows(name):
         return jnp.concatenate([batch[f"real_{name}"], batch[f"generated_{name}"].reshape(batch_size * k, length)])
@@ -164,46 +169,62 @@ def pair_logps(model_cfg: ModelConfig, params, batch: Batch):
     # Counts from each half where it already sits: slicing them out of the concatenated rows
     # would be a reshard that does not wait for the forward, and on XLA:CPU such a collective
     # can run in a different order on different devices than the forward's and deadlock.
-    return (logps[:batch_size], logps[batch_size:].reshape(batch_size, k),
-            losses.target_counts(batch["real_loss_mask"]), losses.target_counts(batch["generated_loss_mask"]))
+    return losses.Scores(
+        policy_real_logps=logps[:batch_size], policy_generated_logps=logps[batch_size:].reshape(batch_size, k),
+        opponent_real_logps=batch["opponent_real_logps"], opponent_generated_logps=batch["opponent_generated_logps"],
+        real_token_counts=losses.target_counts(batch["real_loss_mask"]),
+        generated_token_counts=losses.target_counts(batch["generated_loss_mask"]))
+
+
+def _loss_settings(cfg: LossConfig) -> tuple[losses.Loss, dict]:
+    """Loss `cfg.kind` and its settings from `cfg` (`Loss.config_values`); a null field is the
+    loss's own default."""
+    loss = losses.get_loss(cfg.kind)
+    values = loss.config_values(cfg)
+    return loss, {name: loss.defaults[name] if value is None else value for name, value in values.items()}
 
 
 def loss_hyperparameters(cfg: LossConfig) -> dict[str, float]:
-    """The numeric hyperparameters of `cfg.kind` with `cfg`'s values ({} for sft): what the step
-    takes as traced inputs. A null `beta` is the loss's own default."""
-    known = losses.hyperparameters(cfg.kind)
-    values = {"mu": cfg.mu, "beta": known.get("beta") if cfg.beta is None else cfg.beta,
-              "label_smoothing": cfg.label_smoothing}
-    return {name: float(values[name]) for name in ("mu", "beta", "label_smoothing") if name in known}
+    """The float hyperparameters of loss `cfg.kind` with `cfg`'s values ({} for sft): what the
+    step takes as traced inputs."""
+    loss, settings = _loss_settings(cfg)
+    return {name: float(settings[name]) for name in loss.hyperparameters}
 
 
-def pair_objective(model_cfg: ModelConfig, kind: str) -> Objective:
-    """(params, batch, loss hyperparameters) -> mean self-play loss of loss `kind` over a pair
-    batch, with the loss's metrics. The hyperparameters (`loss_hyperparameters`) may be traced."""
-    loss_fn = losses.get_loss(kind)
+def loss_options(cfg: LossConfig) -> dict[str, object]:
+    """The static options of loss `cfg.kind` with `cfg`'s values (spin's kind, sft's per_token):
+    fixed in the objective, so they are part of its compiled program (`loss_program`)."""
+    loss, settings = _loss_settings(cfg)
+    return {name: settings[name] for name in loss.options}
+
+
+def loss_program(cfg: LossConfig) -> str:
+    """The name of `cfg`'s compiled loss, its kind and static options ("space", "spin:kind=hinge"):
+    configs of one name can share a compiled step, configs of two names cannot."""
+    return ":".join([cfg.kind, *(f"{name}={value}" for name, value in loss_options(cfg).items())])
+
+
+SFT_WARMUP = LossConfig(kind="sft", per_token=True)  # the SFT warm-up's loss: token-mean NLL of the real responses
+
+
+def pair_objective(model_cfg: ModelConfig, loss: LossConfig | str) -> Objective:
+    """(params, batch, loss hyperparameters) -> (the batch's loss, its metrics) under `loss`, a
+    LossConfig or a kind with its defaults: its static options (`loss_options`) are fixed here,
+    its hyperparameters (`loss_hyperparameters`) are inputs and may be traced."""
+    cfg = LossConfig(kind=loss) if isinstance(loss, str) else loss
+    loss_fn, options = losses.get_loss(cfg.kind), loss_options(cfg)
 
     def objective(params, batch, loss_hyper):
-        real, generated, real_counts, generated_counts = pair_logps(model_cfg, params, batch)
-        per_pair, metrics = loss_fn(real, generated, batch["opponent_real_logps"], batch["opponent_generated_logps"],
-                                    **loss_hyper, real_token_counts=real_counts, generated_token_counts=generated_counts)
-        return jnp.mean(per_pair), metrics
+        _, metrics = loss_fn.evaluate(pair_scores(model_cfg, params, batch), **loss_hyper, **options)
+        return metrics["loss"], metrics
 
     return objective
 
 
 def sft_objective(model_cfg: ModelConfig) -> Objective:
-    """Token-mean negative log-likelihood of the real responses (the SFT warm-up; it has no
-    hyperparameters)."""
-
-    def objective(params, batch, loss_hyper):
-        del loss_hyper
-        logps, counts = sequence_logps(model_cfg, params, batch["real_tokens"], batch["real_loss_mask"],
-                                       batch["real_attention_mask"])
-        loss = -jnp.sum(logps) / jnp.maximum(jnp.sum(counts), 1.0)
-        return loss, {"loss": loss, "logps/real": jnp.mean(logps),
-                      "logps/real_per_token": jnp.mean(losses.per_token_mean(logps, counts))}
-
-    return objective
+    """The SFT warm-up's objective: `pair_objective` of SFT_WARMUP (it has no hyperparameters),
+    on batches of the real responses alone."""
+    return pair_objective(model_cfg, SFT_WARMUP)
 
 
 # ----------------------------------------------------------------------------------- steps

@@ -48,8 +48,9 @@ class NonFiniteLoss(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
-    """A loss over batches of pairs: `kind` names its compiled program ("sft" or a loss kind),
-    `fn(params, batch, hyperparameters)` computes it, `hyperparameters` are its traced values."""
+    """A loss over batches of pairs: `kind` names its compiled program (`train.loss_program`: the
+    loss kind and its static options), `fn(params, batch, hyperparameters)` computes it,
+    `hyperparameters` are its traced values."""
 
     kind: str
     fn: train.Objective

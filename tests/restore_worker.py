@@ -6,7 +6,7 @@ import argparse
 import jax
 import numpy as np
 
-from spacejax import checkpoint, selfplay, sharding
+from spacejax import checkpoint, sharding
 from spacejax.config import MeshConfig
 
 parser = argparse.ArgumentParser()
@@ -19,7 +19,7 @@ args = parser.parse_args()
 sharding.initialize(args.coordinator, args.num_processes, args.process_id)
 mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
 cfg = checkpoint.load_config(args.checkpoint)
-_, params = checkpoint.load_params(args.checkpoint, selfplay.param_shardings(cfg, mesh))
+_, params = checkpoint.load_params(args.checkpoint, sharding.param_shardings(cfg, mesh))
 assert all(not leaf.is_fully_addressable for leaf in jax.tree.leaves(params)), "expected a global mesh"
 total = sum(float(np.asarray(sharding.to_host(leaf), np.float64).sum()) for leaf in jax.tree.leaves(params))
 print(f"process {jax.process_index()} of {jax.process_count()}: checksum {total:.6f}", flush=True)

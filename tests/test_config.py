@@ -90,13 +90,11 @@ def test_7b_recipe_is_a_mistral_7b_trained_in_mixed_precision(name):
 @pytest.mark.parametrize("name", RECIPES_7B)
 @pytest.mark.parametrize("devices", [8, 16, 32, 64], ids=lambda n: f"{n}chips")
 def test_7b_recipe_batches_divide_over_v5p_slices(name, devices):
-    """v5p-16 .. v5p-128 (8 .. 64 chips): data = -1 fills the rest, and both the train batch and
-    the sampler batch must split evenly over data x fsdp (sharding of the batch axis)."""
+    """v5p-16 .. v5p-128 (8 .. 64 chips): data = -1 fills the rest, and every batch of every
+    iteration must split evenly over data x fsdp (sharding of the batch axis)."""
     cfg = recipe(name)
     assert devices % (cfg.mesh.fsdp * cfg.mesh.tensor) == 0
-    shards = devices // cfg.mesh.tensor  # data x fsdp
-    assert (cfg.train.batch_size // cfg.train.grad_accum_steps) % shards == 0
-    assert cfg.sampler.batch_size % shards == 0
+    config.check_batch_sizes(cfg, devices // cfg.mesh.tensor)  # data x fsdp
 
 
 def test_zephyr7b_spin_is_spins_official_recipe():
@@ -254,13 +252,26 @@ def test_unknown_optimizer_and_schedule_are_named(empty_yaml):
 
 
 def test_batch_the_data_axes_cannot_divide(empty_yaml):
-    with pytest.raises(ConfigError, match=r"train\.batch_size.*mesh\.data \* mesh\.fsdp = 4"):
+    with pytest.raises(ConfigError, match=r"train\.batch_size.*mesh data x fsdp = 4"):
         load_with(empty_yaml, "train.batch_size=6", "mesh.data=4", "mesh.fsdp=1")
+    with pytest.raises(ConfigError, match=r"sampler\.batch_size = 6 is not divisible by mesh data x fsdp = 4"):
+        load_with(empty_yaml, "sampler.batch_size=6", "mesh.data=4", "mesh.fsdp=1")
     # The divisibility is of the micro-batch: 16 / 2 accumulation steps = 8 over 4 x 4 shards fails.
     with pytest.raises(ConfigError, match=r"train\.batch_size"):
         load_with(empty_yaml, "train.batch_size=16", "train.grad_accum_steps=2", "mesh.data=4", "mesh.fsdp=4")
     with pytest.raises(ConfigError, match=r"train\.grad_accum_steps"):
         load_with(empty_yaml, "train.batch_size=10", "train.grad_accum_steps=4")
+
+
+def test_every_iteration_batch_must_divide(empty_yaml):
+    """With data = -1, `spacejax train` checks at run time, on the device count, what load time can not."""
+    cfg = load_with(empty_yaml, "selfplay.from_iteration=['2: sampler.batch_size=12']")
+    config.check_batch_sizes(cfg, 4)
+    with pytest.raises(ConfigError, match=r"sampler\.batch_size = 12 \(iteration 2\) is not divisible by mesh "
+                                          r"data x fsdp = 8: make it a multiple of 8"):
+        config.check_batch_sizes(cfg, 8)
+    with pytest.raises(ConfigError, match=r"data\.num_eval = 64 is not divisible by mesh data x fsdp = 128"):
+        config.check_batch_sizes(load_with(empty_yaml, "train.batch_size=128", "sampler.batch_size=128"), 128)
 
 
 def test_batches_that_do_divide_are_accepted(empty_yaml):

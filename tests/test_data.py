@@ -1,4 +1,5 @@
-"""Tests for spacejax.data (sources, validation, tokenization, batching) and the bundled assets."""
+"""Tests for spacejax.sources (row files) and spacejax.data (validation, tokenization, batching), and the
+bundled assets."""
 
 import hashlib
 import json
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from spacejax import data
+from spacejax import data, sources
 from spacejax.assets import TINY_CHAT_PATH, TINY_TOKENIZER_DIR, make_assets
 
 PAD, BOS, EOS, USER, ASSISTANT, SYSTEM = range(6)
@@ -56,7 +57,7 @@ def test_bundled_tokenizer_special_tokens_and_template(tokenizer):
 
 
 def test_bundled_chat_rows_are_ultrachat_format():
-    rows = data.read_rows(TINY_CHAT_PATH)
+    rows = sources.read_rows(TINY_CHAT_PATH)
     assert len(rows) == 300
     assert len({row["prompt_id"] for row in rows}) == 300
     for row in rows:
@@ -82,8 +83,11 @@ def test_bundled_dataset_tokenizes_without_bad_rows(tokenizer):
     examples, skipped = data.load_examples(TINY_CHAT_PATH, tokenizer, max_length=256, max_prompt_length=128)
     assert skipped == 0 and len(examples) == 300
     assert all(e.prompt_ids[0] == BOS and e.real_ids[-1] == EOS for e in examples)
-    batch = data.collate(examples[:16], pad_id=PAD, max_length=256)
-    assert batch["tokens"].shape[0] == 16 and batch["tokens"].shape[1] in (64, 128)
+    first = examples[:16]
+    length = data.bucket_length(max(len(e.prompt_ids) + len(e.real_ids) for e in first), 256)
+    assert length in (64, 128)
+    batch = data.pad_sequences([e.prompt_ids for e in first], [e.real_ids for e in first], length=length, pad_id=PAD)
+    assert batch["tokens"].shape == (16, length)
 
 
 # ----------------------------------------------------------------------------- tokenization
@@ -103,7 +107,10 @@ def test_exact_tokens_and_masks(tokenizer):
     assert example.prompt_ids.dtype == example.real_ids.dtype == np.int32
 
     short = data.tokenize_row(chat_row("Hi?", "Hello."), tokenizer, max_length=512, max_prompt_length=256)
-    batch = data.collate([example, short], pad_id=PAD, max_length=512)
+    length = data.bucket_length(max(len(e.prompt_ids) + len(e.real_ids) for e in (example, short)), 512)
+    assert length == 64
+    batch = data.pad_sequences([example.prompt_ids, short.prompt_ids], [example.real_ids, short.real_ids],
+                               length=length, pad_id=PAD)
     assert set(batch) == {"tokens", "loss_mask", "attention_mask"}
     assert batch["tokens"].shape == (2, 64) and batch["tokens"].dtype == np.int32
     assert batch["loss_mask"].dtype == np.float32 and batch["attention_mask"].dtype == np.int32
@@ -188,9 +195,18 @@ def test_truncation_keeps_prompt_end_and_response_start(tokenizer):
     np.testing.assert_array_equal(both.real_ids, full_response[:28])
     np.testing.assert_array_equal(both.generated_ids, encode(tokenizer, "Short.") + [EOS])
 
-    batch = data.collate([long_prompt, long_response, both], pad_id=PAD, max_length=48)
-    assert batch["tokens"].shape == (3, 48)  # max_length is the last bucket (48 < 64)
+    cut = [long_prompt, long_response, both]
+    length = data.bucket_length(max(len(e.prompt_ids) + len(e.real_ids) for e in cut), 48)
+    assert length == 48  # max_length is the last bucket (48 < 64)
+    batch = data.pad_sequences([e.prompt_ids for e in cut], [e.real_ids for e in cut], length=length, pad_id=PAD)
+    assert batch["tokens"].shape == (3, 48)
     assert batch["loss_mask"][2].sum() == 28 and batch["attention_mask"][2].sum() == 48
+    pair = data.pad_pairs([both.prompt_ids], [both.real_ids], [[both.generated_ids]], length=length, pad_id=PAD)
+    np.testing.assert_array_equal(pair["real_loss_mask"][0], batch["loss_mask"][2])
+    assert pair["generated_loss_mask"][0, 0].sum() == len(both.generated_ids)
+    assert pair["generated_attention_mask"][0, 0].sum() == 20 + len(both.generated_ids)
+    with pytest.raises(ValueError, match="row 0 has 49 tokens, more than the batch length 48"):
+        data.pad_sequences([both.prompt_ids], [np.concatenate([both.real_ids, [EOS]])], length=48, pad_id=PAD)
 
     for max_length, max_prompt_length in ((16, 16), (16, 0), (8, 20)):
         with pytest.raises(ValueError, match="max_prompt_length"):
@@ -274,16 +290,16 @@ def test_skip_bad_rows_counts_and_warns(tmp_path, tokenizer, caplog):
 def test_file_errors(tmp_path):
     path = tmp_path / "broken.jsonl"
     path.write_text(json.dumps(chat_row("a?", "b.")) + "\n\n" + '{"messages": [\n' + json.dumps(chat_row("c?", "d.")) + "\n")
-    with pytest.raises(data.DataError, match=r"broken.jsonl: line 3 is not valid JSON"):
-        data.read_rows(path)
+    with pytest.raises(sources.DataError, match=r"broken.jsonl: line 3 is not valid JSON"):
+        sources.read_rows(path)
     with pytest.raises(FileNotFoundError, match=r"nowhere.jsonl: no such file or directory. Pass a .jsonl"):
-        data.read_rows(tmp_path / "nowhere.jsonl")
+        sources.read_rows(tmp_path / "nowhere.jsonl")
     (tmp_path / "rows.csv").write_text("a,b\n")
-    with pytest.raises(data.DataError, match=r"rows.csv: unsupported file type '.csv'"):
-        data.read_rows(tmp_path / "rows.csv")
+    with pytest.raises(sources.DataError, match=r"rows.csv: unsupported file type '.csv'"):
+        sources.read_rows(tmp_path / "rows.csv")
     (tmp_path / "plain_dir").mkdir()
-    with pytest.raises(data.DataError, match=r"plain_dir: a directory, but not one written by datasets"):
-        data.read_rows(tmp_path / "plain_dir")
+    with pytest.raises(sources.DataError, match=r"plain_dir: a directory, but not one written by datasets"):
+        sources.read_rows(tmp_path / "plain_dir")
 
 
 # ----------------------------------------------------------------------------- sources
@@ -291,7 +307,7 @@ def test_file_errors(tmp_path):
 
 @pytest.fixture(scope="module")
 def sample_rows():
-    rows = data.read_rows(TINY_CHAT_PATH)[:12]
+    rows = sources.read_rows(TINY_CHAT_PATH)[:12]
     rows[0] = {**rows[0], "messages": rows[0]["messages"] + [{"role": "user", "content": "é ✓ 中"},
                                                             {"role": "assistant", "content": "Unicode ok."}]}
     return rows
@@ -301,27 +317,27 @@ def test_read_jsonl_and_parquet(tmp_path, sample_rows):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    assert data.read_rows(write_jsonl(tmp_path / "rows.jsonl", sample_rows)) == sample_rows
+    assert sources.read_rows(write_jsonl(tmp_path / "rows.jsonl", sample_rows)) == sample_rows
     pq.write_table(pa.Table.from_pylist(sample_rows), tmp_path / "rows.parquet")
-    assert data.read_rows(str(tmp_path / "rows.parquet")) == sample_rows
+    assert sources.read_rows(str(tmp_path / "rows.parquet")) == sample_rows
 
 
 def test_read_datasets_save_to_disk(tmp_path, sample_rows):
     import datasets
 
     datasets.Dataset.from_list(sample_rows).save_to_disk(str(tmp_path / "single"))
-    assert data.read_rows(tmp_path / "single") == sample_rows
+    assert sources.read_rows(tmp_path / "single") == sample_rows
 
     datasets.DatasetDict({"train_sft": datasets.Dataset.from_list(sample_rows[:8]),
                           "test_sft": datasets.Dataset.from_list(sample_rows[8:])}).save_to_disk(str(tmp_path / "dict"))
-    assert data.read_rows(tmp_path / "dict", split="test_sft") == sample_rows[8:]
-    with pytest.raises(data.DataError, match=r"splits \['test_sft', 'train_sft'\]; pass split="):
-        data.read_rows(tmp_path / "dict")
-    with pytest.raises(data.DataError, match="got 'train'"):
-        data.read_rows(tmp_path / "dict", split="train")
+    assert sources.read_rows(tmp_path / "dict", split="test_sft") == sample_rows[8:]
+    with pytest.raises(sources.DataError, match=r"splits \['test_sft', 'train_sft'\]; pass split="):
+        sources.read_rows(tmp_path / "dict")
+    with pytest.raises(sources.DataError, match="got 'train'"):
+        sources.read_rows(tmp_path / "dict", split="train")
 
     datasets.DatasetDict({"train": datasets.Dataset.from_list(sample_rows)}).save_to_disk(str(tmp_path / "one"))
-    assert data.read_rows(tmp_path / "one") == sample_rows
+    assert sources.read_rows(tmp_path / "one") == sample_rows
 
 
 @pytest.fixture(scope="module")
@@ -375,16 +391,16 @@ def by_prompt_id(rows):
 def test_read_tfds_array_record(tfds_dir, sample_rows, tokenizer):
     import sys
 
-    rows = data.read_rows("tfds:spacejax_test_chat_json", data_dir=tfds_dir)
+    rows = sources.read_rows("tfds:spacejax_test_chat_json", data_dir=tfds_dir)
     assert len(rows) == len(sample_rows)
     expected = {row["prompt_id"]: {**row, "prompt_ids": [i, i + 1]} for i, row in enumerate(sample_rows)}
     assert by_prompt_id(rows) == expected
     assert all(type(i) is int for row in rows for i in row["prompt_ids"])
 
-    test_rows = data.read_rows("tfds:spacejax_test_chat_seq", split="test", data_dir=tfds_dir)
+    test_rows = sources.read_rows("tfds:spacejax_test_chat_seq", split="test", data_dir=tfds_dir)
     assert by_prompt_id(test_rows) == {r["prompt_id"]: {"prompt_id": r["prompt_id"], "messages": r["messages"]}
                                        for r in sample_rows[6:]}
-    assert len(data.read_rows("tfds:spacejax_test_chat_seq", data_dir=tfds_dir)) == 6  # default: train
+    assert len(sources.read_rows("tfds:spacejax_test_chat_seq", data_dir=tfds_dir)) == 6  # default: train
 
     via_tfds, _ = data.load_examples("tfds:spacejax_test_chat_seq", tokenizer, split="train", data_dir=tfds_dir,
                                      max_length=128, max_prompt_length=64)
@@ -393,5 +409,5 @@ def test_read_tfds_array_record(tfds_dir, sample_rows, tokenizer):
     assert sorted(map(key, via_tfds)) == sorted(map(key, via_jsonl))
 
     with pytest.raises(FileNotFoundError, match="tfds:no_such_dataset_xyz: no prepared TFDS dataset"):
-        data.read_rows("tfds:no_such_dataset_xyz", data_dir=tfds_dir)
+        sources.read_rows("tfds:no_such_dataset_xyz", data_dir=tfds_dir)
     assert "tensorflow" not in sys.modules

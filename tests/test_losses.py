@@ -7,6 +7,7 @@ gradient is a handful of float32 operations on them, so values agree to a relati
 gradients, which are bounded by beta * (1 + mu) here, to 1e-6 absolute.
 """
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -18,6 +19,7 @@ import pytest
 import torch
 
 from spacejax import losses
+from spacejax.config import ConfigError, LossConfig
 
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -33,7 +35,7 @@ def sigmoid(x):
 
 
 # Each reference maps rewards a [B], b [B, K] to (loss [B], dloss/da [B], dloss/db [B, K]),
-# straight from the table of PAPER.md; the K synthetic terms are averaged (losses.py's contract).
+# straight from the table of PAPER.md; the K synthetic terms are averaged (the contract of losses/family.py).
 
 def ref_space(a, b, mu=1.0, beta=1.0):
     K = b.shape[1]
@@ -98,6 +100,14 @@ def reference(loss_kind, logps, counts, **hyper):
     loss, da, db = REWARD_REFERENCES[loss_kind](a, b, **hyper)
     da, db = da * real_scale, (db * generated_scale).reshape(generated_shape)
     return loss, (da, db, -da, -db)
+
+
+def reference_batch_loss(loss_kind, logps, counts, per_pair, **hyper):
+    """The batch's loss (metric `loss`): the mean per-pair loss; for sft with per_token the token
+    mean -sum_b log p(y_b|x_b) / sum_b |y_b|."""
+    if loss_kind == "sft" and hyper.get("per_token"):
+        return -np.float64(logps[0]).sum() / np.float64(counts[0]).sum()
+    return per_pair.mean()
 
 
 def random_inputs(seed, batch=6, samples=None, scale=3.0):
@@ -181,7 +191,8 @@ def test_loss_and_gradients_equal_numpy(case, samples, scale):
     for grad, expected in zip(grads, expected_grads):
         assert grad.shape == expected.shape
         np.testing.assert_allclose(grad, expected, rtol=RTOL, atol=ATOL)
-    np.testing.assert_allclose(metrics["loss"], expected_loss.mean(), rtol=RTOL)
+    np.testing.assert_allclose(metrics["loss"], reference_batch_loss(kind, logps, counts, expected_loss, **hyper),
+                               rtol=RTOL)
 
 
 def test_extreme_rewards_do_not_overflow_where_the_naive_formula_does():
@@ -283,7 +294,7 @@ def test_space_with_mu_1_is_the_bco_pair_form():
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_k_synthetic_responses_average_the_k_single_response_losses(case):
-    """losses.py's contract for [B, K]: the per-pair loss is the mean over k of the loss with the
+    """The contract of losses/family.py for [B, K]: the per-pair loss is the mean over k of the loss with the
     k-th synthetic response alone (for SPACE: the estimator mu/K sum_k of PAPER.md)."""
     kind, hyper = case
     logps, (real_counts, generated_counts) = random_inputs(3, samples=3)
@@ -363,6 +374,8 @@ def test_every_loss_reports_the_design_metric_names():
         expected = common | (set() if kind == "sft" else scaled) | ({"nce/accuracy"} if kind == "space" else set())
         assert set(metrics) == expected, kind
         assert all(jnp.shape(v) == () for v in metrics.values())
+    _, real_only = losses.sft_loss.evaluate(losses.Scores(logps[0], real_token_counts=counts[0]), per_token=True)
+    assert set(real_only) == {"loss", "logps/real", "logps/real_per_token"}  # no opponent: no rewards
     _, without_counts = losses.spin_loss(*logps)
     assert "logps/real_per_token" not in without_counts
     np.testing.assert_allclose(without_counts["rewards/real_scaled"], 0.1 * without_counts["rewards/real"], rtol=1e-6)
@@ -387,15 +400,51 @@ def test_bad_arguments_fail_with_a_clear_message():
         losses.ipo_loss(*logps)
     with pytest.raises(ValueError, match="real_token_counts"):
         losses.sft_loss(*logps, per_token=True)
+    with pytest.raises(TypeError, match="no setting 'mu'"):
+        losses.spin_loss(*logps, mu=2.0)
+    with pytest.raises(TypeError, match="takes 2 settings"):
+        losses.space_loss(*logps, 1.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match="opponent_real_logps"):  # the real responses alone have no rewards
+        losses.space_loss.evaluate(losses.Scores(logps[0]))
 
 
-def test_hyperparameters_lists_each_kinds_keywords():
-    assert losses.hyperparameters("space") == {"mu": 1.0, "beta": 1.0}
-    assert losses.hyperparameters("spin") == {"beta": 0.1, "kind": "sigmoid"}
-    assert losses.hyperparameters("dpo") == {"beta": 0.1, "label_smoothing": 0.0}
-    assert losses.hyperparameters("sft") == {"per_token": False}
+def test_settings_go_in_declared_order_or_by_name():
+    logps, _ = random_inputs(10, samples=2)
+    for loss, positional in ((losses.space_loss, (2.0, 0.5)), (losses.spin_loss, (0.3, "hinge")),
+                             (losses.dpo_loss, (0.2, 0.1))):
+        by_name = dict(zip(loss.defaults, positional))
+        np.testing.assert_array_equal(loss(*logps, *positional)[0], loss(*logps, **by_name)[0])
+        assert not np.allclose(loss(*logps, *positional)[0], loss(*logps)[0])
+
+
+def test_each_kind_declares_its_settings_with_defaults():
+    assert losses.get_loss("space").defaults == {"mu": 1.0, "beta": 1.0}
+    assert losses.get_loss("spin").defaults == {"beta": 0.1, "kind": "sigmoid"}
+    assert losses.get_loss("dpo").defaults == {"beta": 0.1, "label_smoothing": 0.0}
+    assert losses.get_loss("sft").defaults == {"per_token": False}
     for kind in ("hinge", "ipo", "nca_pair", "sppo_hard"):
-        assert losses.hyperparameters(kind) == {"beta": 0.1}
+        assert losses.get_loss(kind).defaults == {"beta": 0.1}
+    assert dict(losses.spin_loss.options) == {"kind": ("sigmoid", "hinge")}
+    assert dict(losses.sft_loss.options) == {"per_token": (False, True)}
+    for loss in losses.LOSSES.values():  # floats are hyperparameters (traced), the rest options (static)
+        assert all(isinstance(v, float) for v in loss.hyperparameters.values())
+        assert not any(isinstance(choices[0], float) for choices in loss.options.values())
+
+
+def test_every_setting_of_every_loss_is_a_loss_config_field_with_the_loss_default():
+    """Every option a loss has can be set from the config: its LossConfig field defaults to the
+    loss's default (or null, which means it), accepts each choice and rejects others, naming the key."""
+    fields = {field.name: field.default for field in dataclasses.fields(LossConfig)}
+    for loss in losses.LOSSES.values():
+        for name, default in loss.defaults.items():
+            key = loss.config_key(name)
+            assert key in fields and key != "kind", (loss.name, name)
+            assert fields[key] is None or fields[key] == default, (loss.name, name)
+        for name, choices in loss.options.items():
+            for choice in choices:
+                assert loss.config_values(LossConfig(kind=loss.name, **{loss.config_key(name): choice}))[name] == choice
+    with pytest.raises(ConfigError, match="loss.spin_kind"):
+        LossConfig(kind="spin", spin_kind="logistic")
 
 
 @pytest.mark.parametrize("kind", sorted(losses.LOSSES))
@@ -403,7 +452,7 @@ def test_every_loss_jits_with_traced_hyperparameters_and_vmaps(kind):
     """jit(vmap(loss)) over 3 stacked batches, with the float hyperparameters traced (a sweep
     does not recompile), equals the eager loss of each batch."""
     fn = losses.get_loss(kind)
-    traced = {name: value for name, value in losses.hyperparameters(kind).items() if isinstance(value, float)}
+    traced = dict(fn.hyperparameters)
     batches = [random_inputs(seed, samples=3) for seed in range(3)]
 
     @jax.jit
@@ -459,7 +508,7 @@ def test_sequence_logps_equal_numpy_log_softmax_with_the_shift():
     np.testing.assert_allclose(logps, expected, rtol=1e-6, atol=1e-5)
     np.testing.assert_array_equal(counts, expected_counts)
     np.testing.assert_allclose(losses.sequence_logps(logits, tokens, loss_mask.astype(bool)), expected, rtol=1e-6)
-    mean = losses.sequence_mean_logps(logits, tokens, loss_mask)
+    mean = losses.per_token_mean(logps, counts)
     np.testing.assert_allclose(mean, expected / np.maximum(expected_counts, 1), rtol=1e-6, atol=1e-6)
     assert expected_counts[2] == 0 and logps[2] == 0 and mean[2] == 0
     # the shift is by one: scoring token t with logits[t] instead gives a different answer
@@ -480,7 +529,8 @@ def test_sequence_logps_gradient_and_masked_garbage():
     exactly 0 elsewhere; masked positions may hold any logits (even inf or NaN for the value,
     any finite ones for the gradient) or token ids."""
     logits, tokens, loss_mask = padded_pair_batch(2)
-    mean_row_has_no_tokens = jax.grad(lambda l: losses.sequence_mean_logps(l, tokens, loss_mask).sum())(logits)
+    mean_row_has_no_tokens = jax.grad(
+        lambda l: losses.per_token_mean(*losses.sequence_logps_and_counts(l, tokens, loss_mask)).sum())(logits)
     assert np.all(np.isfinite(mean_row_has_no_tokens)) and np.all(mean_row_has_no_tokens[2] == 0)
     grad = jax.grad(lambda l: losses.sequence_logps(l, tokens, loss_mask).sum())(logits)
     softmax = np.exp(numpy_log_softmax(logits))

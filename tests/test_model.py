@@ -100,12 +100,33 @@ def test_prefill_then_decode_equals_full_forward(tmp_path):
     cache = model.init_cache(cfg, batch_size=2, max_length=32)
     prefill, cache = model.apply(cfg, params, tokens[:, :20], cache=cache, attention_mask=mask[:, :20])
     rest, cache = model.apply(cfg, params, tokens[:, 20:], cache=cache, attention_mask=mask[:, 20:])
-    assert int(cache.index) == 30
+    np.testing.assert_array_equal(cache.index, [30, 30])
     np.testing.assert_array_equal(np.asarray(cache.key_positions[:, :30]),
                                   np.where(mask, np.cumsum(mask, 1) - 1, -1))
     combined = np.concatenate([prefill, rest], axis=1)
     real = mask.astype(bool)
     assert np.abs(combined[real] - np.asarray(full)[real]).max() <= 1e-5
+
+
+def test_rows_of_one_cache_fill_independently(tmp_path):
+    """Rows prefilled to different slots (index [B] differs) then decoded together give each
+    row's logits alone: a cache row's next slot is its own, as continuous batching needs."""
+    save("mistral_window", tmp_path)
+    cfg, params = hf.load(tmp_path)
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, cfg.vocab_size, size=n) for n in (7, 19)]
+    weights = model.decode_params(cfg, params)
+    apply = jax.jit(lambda p, t, c: model.apply(cfg, p, t, cache=c))
+    rows = [apply(weights, prompt[None], model.init_cache(cfg, 1, 32))[1] for prompt in prompts]
+    together = jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *rows)
+    np.testing.assert_array_equal(together.index, [7, 19])
+    next_tokens = np.array([[11], [13]])
+    logits, after = apply(weights, next_tokens, together)
+    np.testing.assert_array_equal(after.index, [8, 20])
+    for row, prompt in enumerate(prompts):
+        full, _ = model.apply(cfg, params, np.concatenate([prompt, next_tokens[row]])[None])
+        assert np.abs(np.asarray(logits[row, 0]) - np.asarray(full[0, -1])).max() <= 1e-5
+        assert int(after.key_positions[row].max()) == len(prompt)
 
 
 # bfloat16 params and compute against float32 on the same weights and inputs. The tolerance is

@@ -15,7 +15,7 @@ import torch
 import transformers
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from spacejax import checkpoint, cli, hf, model, sampler, selfplay, sharding
+from spacejax import checkpoint, cli, hf, model, sampler, sharding
 from spacejax.config import MeshConfig, ModelConfig
 
 from hf_models import save
@@ -113,28 +113,15 @@ def test_logits_of_every_decode_step_equal_a_full_forward(family):
 
 @pytest.mark.parametrize("variant, extra, switches", [("qwen2_bias", {}, (True, False, False)),
                                                      ("llama_tied", dict(attention_bias=True), (True, True, True))])
-def test_the_one_token_step_equals_model_apply(variant, extra, switches, tmp_path):
-    """`step_forward` (q/k/v bias, o bias, tied embeddings) against `model.apply`."""
-    save(variant, tmp_path, **extra)
+def test_greedy_with_biases_and_tied_embeddings_equals_transformers(variant, extra, switches, tmp_path):
+    """q/k/v bias, o bias and tied embeddings through the decode layout (`model.decode_params`)."""
+    hf_model = save(variant, tmp_path, **extra)
     cfg, params = hf.load(tmp_path)
     assert (cfg.qkv_bias, cfg.out_bias, cfg.tie_word_embeddings) == switches
-    tokens, mask = np.array([[0, 0, 5, 9, 7], [4, 8, 6, 3, 11]]), np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
-    cache = model.init_cache(cfg, 2, 8)
-    _, cache = model.apply(cfg, params, tokens, cache=cache, attention_mask=mask)
-    new_tokens, positions = np.array([13, 17]), np.array([3, 5])
-    expected, expected_cache = model.apply(cfg, params, new_tokens[:, None], positions[:, None], cache)
-    layers = range(cfg.num_layers)
-    step = lambda *args: sampler.step_forward(cfg, *args)
-    per_layer = lambda stacked: tuple(stacked[i].transpose(0, 2, 1, 3) for i in layers)  # [B, K, S, D]
-    args = (sampler.step_params(cfg, params), new_tokens, positions, per_layer(cache.keys),
-            per_layer(cache.values), cache.key_positions, cache.index)
-    matmuls = str(jax.make_jaxpr(step)(*args)).count("dot_general")
-    assert matmuls == 4 * cfg.num_layers + 1 + 2 * cfg.num_layers  # fused q/k/v and gate/up; + attention's
-    logits, keys, values, key_positions = jax.jit(step)(*args)
-    assert np.abs(logits - expected[:, 0]).max() <= 1e-5
-    np.testing.assert_allclose(np.stack(keys), expected_cache.keys.transpose(0, 1, 3, 2, 4), atol=1e-5)
-    np.testing.assert_allclose(np.stack(values), expected_cache.values.transpose(0, 1, 3, 2, 4), atol=1e-5)
-    np.testing.assert_array_equal(key_positions, expected_cache.key_positions)
+    prompts = random_prompts(cfg.vocab_size, PROMPT_LENGTHS, seed=4)
+    ours = sampler.generate(cfg, params, prompts, 0, sampler.Greedy(), max_new_tokens=MAX_NEW, end_ids=(),
+                            buckets=ONE_BUCKET, decode_weights=model.decode_params(cfg, params), progress=False)
+    np.testing.assert_array_equal(ours.tokens, hf_greedy(hf_model, prompts, MAX_NEW, eos_token_id=None))
 
 
 # ----------------------------------------------------------------------------------- strategies
@@ -260,7 +247,7 @@ def tiny_model():
     rng = np.random.default_rng(0)
     draw = lambda path, leaf: (float("scale" in jax.tree_util.keystr(path))
                                + 0.1 * rng.standard_normal(leaf.shape, np.float32))
-    shapes = jax.eval_shape(lambda: model.init(cfg, jax.random.key(0)))
+    shapes = model.param_shapes(cfg)
     return cfg, jax.device_put(jax.tree_util.tree_map_with_path(draw, shapes))
 
 
@@ -298,21 +285,23 @@ def test_rows_depend_on_seed_prompt_and_sample_index_only(tiny):
     np.testing.assert_array_equal(subset.sample_indices, [0, 1, 0, 1])
 
 
-def test_step_weights_made_once_give_the_same_rows(tiny):
+def test_decode_weights_made_once_give_the_same_rows(tiny):
     cfg, params = tiny
     prompts = random_prompts(cfg.vocab_size, BATCH_LENGTHS)
     reference = sample_tiny(tiny, prompts, batch_size=4)
-    weights = sampler.step_params(cfg, params)
+    weights = model.decode_params(cfg, params)
+    assert "layers" not in weights and weights["embed_tokens"]["embedding"] is params["embed_tokens"]["embedding"]
     for _ in range(2):  # reused: nothing in them is consumed by a call
-        out = sample_tiny(tiny, prompts, batch_size=4, step_weights=weights)
+        out = sample_tiny(tiny, prompts, batch_size=4, decode_weights=weights)
         np.testing.assert_array_equal(out.tokens, reference.tokens)
         np.testing.assert_array_equal(out.logprobs, reference.logprobs)
     # the decode steps run on the weights passed, not on a layout of `params` made behind them
-    other = sampler.step_params(cfg, jax.tree.map(lambda leaf: -leaf, params))
-    assert (sample_tiny(tiny, prompts, batch_size=4, step_weights=other).tokens != reference.tokens).any()
-    cut = {**weights, "lm_head": weights["lm_head"][:64]}  # as if made for a smaller vocabulary
-    with pytest.raises(ValueError, match=r"step_weights\['lm_head'\] has shape \(64, 64\), step_params"):
-        sample_tiny(tiny, prompts, batch_size=4, step_weights=cut)
+    other = model.decode_params(cfg, jax.tree.map(lambda leaf: -leaf, params))
+    assert (sample_tiny(tiny, prompts, batch_size=4, decode_weights=other).tokens != reference.tokens).any()
+    cut = {**weights, "lm_head": {"kernel": weights["lm_head"]["kernel"][:, :64]}}  # as if for a smaller vocabulary
+    with pytest.raises(ValueError, match=r"decode_weights\['lm_head'\]\['kernel'\] has shape \(64, 64\), "
+                                         r"model.decode_params"):
+        sample_tiny(tiny, prompts, batch_size=4, decode_weights=cut)
 
 
 def test_end_ids_stop_each_row_on_its_own(tiny):
@@ -335,11 +324,12 @@ def test_end_ids_stop_each_row_on_its_own(tiny):
 def test_decode_loop_exits_when_every_row_has_ended(tiny):
     cfg, params = tiny
     tokens = np.ones((4, 32), np.int32)  # the shapes and settings of `sample_tiny`: compiled already
-    state = sampler.prefill(cfg, params, tokens, tokens > 0, jax.random.key(0), np.arange(4, dtype=np.int32),
+    weights = model.decode_params(cfg, params)
+    state = sampler.prefill(cfg, weights, tokens, tokens > 0, jax.random.key(0), np.arange(4, dtype=np.int32),
                             np.zeros(4, np.int32), np.ones(4, bool), np.int32(0), max_new_tokens=MAX_NEW,
                             keep_logprobs=True)
     all_ids = jnp.arange(cfg.vocab_size, dtype=jnp.int32)  # every token ends a row
-    state = sampler.decode(cfg, sampler.step_params(cfg, params), state, all_ids, np.int32(0), strategy=SAMPLING)
+    state = sampler.decode(cfg, weights, state, all_ids, np.int32(0), strategy=SAMPLING)
     assert int(state.step) == 1 and (np.asarray(state.lengths) == 1).all()
 
 
@@ -352,24 +342,25 @@ def test_sharded_generation_equals_unsharded(tiny):
     sharded = sample_tiny(tiny, prompts, batch_size=4, mesh=mesh)
     np.testing.assert_array_equal(sharded.tokens, reference.tokens)
     np.testing.assert_allclose(sharded.logprobs, reference.logprobs, atol=1e-5)
-    host_weights = sampler.step_params(cfg, params)  # on the default device: replicated over the mesh
-    reused = sample_tiny(tiny, prompts, batch_size=4, mesh=mesh, step_weights=host_weights)
+    host_weights = model.decode_params(cfg, params)  # on the default device: replicated over the mesh
+    reused = sample_tiny(tiny, prompts, batch_size=4, mesh=mesh, decode_weights=host_weights)
     np.testing.assert_array_equal(reused.tokens, reference.tokens)
 
     batch = lambda x: jax.device_put(x, NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
     tokens = np.ones((4, 32), np.int32)
-    state = sampler.prefill(cfg, params, batch(tokens), batch(tokens > 0), jax.random.key(0),
+    state = sampler.prefill(cfg, model.decode_params(cfg, params), batch(tokens), batch(tokens > 0), jax.random.key(0),
                             batch(np.arange(4, dtype=np.int32)), batch(np.zeros(4, np.int32)),
                             batch(np.ones(4, bool)), np.int32(0), max_new_tokens=MAX_NEW, keep_logprobs=True,
                             mesh=mesh)
-    cache_layout = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), "tensor", None, None))
-    assert all(keys.sharding.is_equivalent_to(cache_layout, 4) for keys in state.cache_keys + state.cache_values)
+    cache_layout = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), "tensor", None, None))  # [B, K, S, D]
+    assert all(keys.sharding.is_equivalent_to(cache_layout, 4) for keys in state.cache.keys + state.cache.values)
+    assert state.cache.index.sharding.is_equivalent_to(NamedSharding(mesh, PartitionSpec(("data", "fsdp"))), 1)
     assert state.tokens.sharding.is_equivalent_to(NamedSharding(mesh, PartitionSpec(("data", "fsdp"))), 2)
     with pytest.raises(ValueError, match="multiple of"):
         sample_tiny(tiny, prompts, batch_size=6, mesh=mesh)
 
     # params sharded as for training, decode weights gathered over fsdp once: the same samples
-    fsdp_params = jax.device_put(params, selfplay.param_shardings(cfg, mesh))
+    fsdp_params = jax.device_put(params, sharding.param_shardings(cfg, mesh))
     gathered = sample_tiny((cfg, fsdp_params), prompts, batch_size=4, mesh=mesh, gather_weights=True)
     np.testing.assert_array_equal(gathered.tokens, reference.tokens)
     np.testing.assert_allclose(gathered.logprobs, reference.logprobs, atol=1e-5)

@@ -84,7 +84,7 @@ def test_space_run_saves_samples_with_opponent_logps(space_run):
     cfg = load("tiny_space.yaml", *SMALL, "sampler.num_samples=2")
     mesh = sharding.make_mesh(cfg.mesh)
     model_cfg, opponent = checkpoint.load_params(space_run / "iter_000" / "final")
-    opponent = jax.device_put(opponent, selfplay.param_shardings(model_cfg, mesh))
+    opponent = jax.device_put(opponent, sharding.param_shardings(model_cfg, mesh))
     scorer = Scorer(model_cfg, mesh, cfg.sampler.batch_size)
     real, generated = selfplay.opponent_logps(scorer, opponent, pairs, cfg.data, toy.PAD)
     np.testing.assert_allclose(real, pairs.opponent_real_logps, atol=1e-5)
@@ -239,12 +239,7 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
 
 
 def test_a_run_of_non_finite_losses_stops_with_the_last_good_checkpoint_intact(tmp_path, monkeypatch):
-    def nan_loss(policy_real_logps, policy_generated_logps, opponent_real_logps, opponent_generated_logps,
-                 **kwargs):
-        per_pair, metrics_ = losses.space_loss(policy_real_logps, policy_generated_logps, opponent_real_logps,
-                                               opponent_generated_logps)
-        return per_pair * np.nan, metrics_
-
+    nan_loss = losses.Loss("always_nan", lambda scores: scores.policy_real_logps * np.nan)
     monkeypatch.setitem(losses.LOSSES, "always_nan", nan_loss)
     cfg = load("tiny_space.yaml", *SMALL, "loss.kind=always_nan", "train.max_nonfinite_in_a_row=3",
                "checkpoint.every_steps=1")

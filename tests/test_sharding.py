@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from spacejax import checkpoint, metrics, model, selfplay, sharding
+from spacejax import checkpoint, metrics, selfplay, sharding
 from spacejax.config import ConfigError, MeshConfig, ModelConfig, load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,6 +23,7 @@ TINY = ["selfplay.sft_epochs=0", "selfplay.iterations=1", "data.num_train=64", "
 def test_mesh_fills_minus_one_and_can_use_fewer_devices():
     mesh = sharding.make_mesh(MeshConfig(data=-1, fsdp=2, tensor=2))
     assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert sharding.mesh_sizes(MeshConfig(data=2, fsdp=-1, tensor=4), 64) == {"data": 2, "fsdp": 8, "tensor": 4}
     assert sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1)).devices.size == 1
     with pytest.raises(ConfigError, match="need 16 devices"):
         sharding.make_mesh(MeshConfig(data=4, fsdp=4, tensor=1))
@@ -33,12 +34,13 @@ def test_mesh_fills_minus_one_and_can_use_fewer_devices():
 def test_params_follow_the_logical_rules_and_replicate_what_does_not_divide():
     mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     cfg = ModelConfig(vocab_size=15, num_kv_heads=1, num_heads=4)
-    shapes = jax.eval_shape(lambda: model.init(cfg, jax.random.key(0)))
-    specs = jax.tree.map(lambda s: tuple(s.spec), sharding.tree_shardings(model.logical_axes(cfg), shapes, mesh))
+    specs = jax.tree.map(lambda s: tuple(s.spec), sharding.param_shardings(cfg, mesh))
     assert specs["layers"]["self_attn"]["q_proj"]["kernel"] == (None, "fsdp", "tensor", None)
     assert specs["layers"]["self_attn"]["k_proj"]["kernel"] == (None, "fsdp", None, None)  # 1 kv head
     assert specs["layers"]["mlp"]["down_proj"]["kernel"] == (None, "tensor", "fsdp")
     assert specs["embed_tokens"]["embedding"] == (None, "fsdp")  # vocab 15 does not divide by 2
+    abstract = jax.sharding.AbstractMesh((2, 2, 2), sharding.AXES)  # as `spacejax plan` places them
+    assert jax.tree.map(lambda s: tuple(s.spec), sharding.param_shardings(cfg, abstract)) == specs
 
 
 def test_process_rows_cover_the_batch_in_one_process():
@@ -102,7 +104,7 @@ def test_two_processes_reproduce_the_single_process_run(reference_run, tmp_path)
     # written by 2 processes, restored by 1 on another mesh
     mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     cfg = checkpoint.load_config(workdir / "iter_000" / "final")
-    shardings = selfplay.param_shardings(cfg, mesh)
+    shardings = sharding.param_shardings(cfg, mesh)
     _, restored = checkpoint.load_params(workdir / "iter_000" / "final", shardings)
     _, expected = checkpoint.load_params(reference_run / "iter_000" / "final")
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(expected)):

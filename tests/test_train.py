@@ -79,7 +79,7 @@ def run_step(batch, grad_accum_steps, loss=LossConfig(kind="space", mu=2.0)):
     cfg = TrainConfig(learning_rate=1e-2, grad_accum_steps=grad_accum_steps, batch_size=8)
     params = model.init(MODEL, jax.random.key(0))
     state = train.create_state(params, cfg)
-    step = jax.jit(train.make_train_step(train.pair_objective(MODEL, loss.kind), cfg))
+    step = jax.jit(train.make_train_step(train.pair_objective(MODEL, loss), cfg))
     return step(state, batch, train.hyperparameters(cfg, 10, train.loss_hyperparameters(loss)))
 
 
@@ -96,24 +96,31 @@ def test_gradient_accumulation_one_by_eight_equals_eight_by_one():
 def test_one_forward_over_real_and_generated_equals_separate_scoring():
     batch = pair_batch()
     params = model.init(MODEL, jax.random.key(0))
-    real, generated, _, _ = train.pair_logps(MODEL, params, jax.tree.map(jnp.asarray, batch))
-    alone, _ = train.sequence_logps(MODEL, params, batch["generated_tokens"][:, 1],
-                                    batch["generated_loss_mask"][:, 1], batch["generated_attention_mask"][:, 1])
-    np.testing.assert_allclose(generated[:, 1], alone, atol=1e-5)
-    alone_real, _ = train.sequence_logps(MODEL, params, batch["real_tokens"], batch["real_loss_mask"],
-                                         batch["real_attention_mask"])
-    np.testing.assert_allclose(real, alone_real, atol=1e-5)
+    scores = train.pair_scores(MODEL, params, jax.tree.map(jnp.asarray, batch))
+    alone, alone_counts = train.sequence_logps(MODEL, params, batch["generated_tokens"][:, 1],
+                                               batch["generated_loss_mask"][:, 1],
+                                               batch["generated_attention_mask"][:, 1])
+    np.testing.assert_allclose(scores.policy_generated_logps[:, 1], alone, atol=1e-5)
+    np.testing.assert_array_equal(scores.generated_token_counts[:, 1], alone_counts)
+    alone_real, alone_real_counts = train.sequence_logps(MODEL, params, batch["real_tokens"], batch["real_loss_mask"],
+                                                         batch["real_attention_mask"])
+    np.testing.assert_allclose(scores.policy_real_logps, alone_real, atol=1e-5)
+    np.testing.assert_array_equal(scores.real_token_counts, alone_real_counts)
+    np.testing.assert_array_equal(scores.opponent_generated_logps, batch["opponent_generated_logps"])
 
 
 def test_first_step_loss_is_the_constant_when_policy_is_the_opponent():
     batch = pair_batch()
     params = model.init(MODEL, jax.random.key(0))
-    real, generated, _, _ = train.pair_logps(MODEL, params, jax.tree.map(jnp.asarray, batch))
-    batch = dict(batch, opponent_real_logps=np.asarray(real), opponent_generated_logps=np.asarray(generated))
+    scores = train.pair_scores(MODEL, params, jax.tree.map(jnp.asarray, batch))
+    batch = dict(batch, opponent_real_logps=np.asarray(scores.policy_real_logps),
+                 opponent_generated_logps=np.asarray(scores.policy_generated_logps))
     _, space = run_step(batch, 1, LossConfig(kind="space", mu=4.0))
     assert float(space["loss"]) == pytest.approx(5 * np.log(5) - 4 * np.log(4), abs=1e-5)
     _, spin = run_step(batch, 1, LossConfig(kind="spin", beta=0.1))
     assert float(spin["loss"]) == pytest.approx(np.log(2), abs=1e-6)
+    _, hinge = run_step(batch, 1, LossConfig(kind="spin", beta=0.1, spin_kind="hinge"))  # the option reaches the loss
+    assert float(hinge["loss"]) == pytest.approx(1.0, abs=1e-6)
 
 
 def test_non_finite_step_is_skipped_and_counted_then_training_goes_on():
@@ -138,19 +145,31 @@ def test_non_finite_step_is_skipped_and_counted_then_training_goes_on():
     assert all(changed)
 
 
-def test_sft_objective_is_the_token_mean_nll():
-    batch = pair_batch()
+def test_sft_objective_is_the_token_mean_nll_on_real_only_and_on_pair_batches():
+    """The SFT warm-up's batches hold the real responses alone (K = 0, unscored): their metrics
+    are the loss and the real log-probs; a pair batch gives the same loss with every metric."""
+    pairs = pair_batch()
+    real_only = pair_batch(k=0)
+    real_only["opponent_real_logps"][:] = np.nan
     params = model.init(MODEL, jax.random.key(0))
-    loss, _ = train.sft_objective(MODEL)(params, jax.tree.map(jnp.asarray, batch), {})
-    logits, _ = model.apply(MODEL, params, batch["real_tokens"], attention_mask=batch["real_attention_mask"])
-    logp = np.asarray(jax.nn.log_softmax(logits))
-    nll, count = 0.0, 0
+    logits, _ = model.apply(MODEL, params, pairs["real_tokens"], attention_mask=pairs["real_attention_mask"])
+    logp = np.float64(jax.nn.log_softmax(logits))
+    row_nll, counts = np.zeros(8), np.zeros(8)
     for b in range(8):
         for t in range(1, 12):
-            if batch["real_loss_mask"][b, t]:
-                nll -= logp[b, t - 1, batch["real_tokens"][b, t]]
-                count += 1
-    assert float(loss) == pytest.approx(nll / count, rel=1e-5)
+            if pairs["real_loss_mask"][b, t]:
+                row_nll[b] -= logp[b, t - 1, pairs["real_tokens"][b, t]]
+                counts[b] += 1
+    names = []
+    for batch in (real_only, pairs):
+        loss, metrics = train.sft_objective(MODEL)(params, jax.tree.map(jnp.asarray, batch), {})
+        assert float(loss) == pytest.approx(row_nll.sum() / counts.sum(), rel=1e-5)
+        assert float(metrics["loss"]) == float(loss)
+        assert float(metrics["logps/real"]) == pytest.approx(-row_nll.mean(), rel=1e-5)
+        assert float(metrics["logps/real_per_token"]) == pytest.approx(np.mean(-row_nll / counts), rel=1e-5)
+        names.append(set(metrics))
+    assert names[0] == {"loss", "logps/real", "logps/real_per_token"}
+    assert names[1] > names[0] | {"rewards/real", "logps/generated"}
 
 
 def test_loss_hyperparameters_are_only_the_known_ones_with_defaults_for_a_null_beta():
@@ -162,6 +181,17 @@ def test_loss_hyperparameters_are_only_the_known_ones_with_defaults_for_a_null_b
     zeros = jnp.zeros(4)
     loss, _ = losses.space_loss(zeros, zeros, zeros, zeros, **train.loss_hyperparameters(LossConfig(mu=3.0)))
     assert float(loss[0]) == pytest.approx(4 * np.log(4) - 3 * np.log(3), abs=1e-6)
+
+
+def test_static_loss_options_come_from_the_config_and_name_the_compiled_program():
+    hinge = LossConfig(kind="spin", beta=0.5, spin_kind="hinge")
+    assert train.loss_options(hinge) == {"kind": "hinge"} and train.loss_hyperparameters(hinge) == {"beta": 0.5}
+    assert train.loss_options(LossConfig(kind="sft", per_token=True)) == {"per_token": True}
+    assert train.loss_options(LossConfig(kind="space", spin_kind="hinge")) == {}  # not a setting of space
+    assert train.loss_program(hinge) == "spin:kind=hinge"
+    assert train.loss_program(LossConfig(kind="spin")) == "spin:kind=sigmoid"
+    assert train.loss_program(LossConfig(kind="space", mu=2.0)) == "space"
+    assert train.loss_program(train.SFT_WARMUP) == "sft:per_token=True"
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
@@ -212,7 +242,7 @@ def test_loss_gradient_holds_at_most_one_full_float32_logits_tensor():
              for name in ("tokens", "loss_mask", "attention_mask")}
     batch["opponent_real_logps"] = jax.ShapeDtypeStruct((pairs,), jnp.float32)
     batch["opponent_generated_logps"] = jax.ShapeDtypeStruct((pairs, 1), jnp.float32)
-    params = jax.eval_shape(lambda: model.init(cfg, jax.random.key(0)))
+    params = model.param_shapes(cfg)
     full = rows * length * cfg.vocab_size * 4
     bound = full + 2 * rows * losses.LOGIT_CHUNK_LENGTH * cfg.vocab_size * 4 + 0.1 * full
 

@@ -59,30 +59,30 @@ NAME='' ZONE='' ACCELERATOR_TYPE='' VERSION='' PROJECT='' MODE=on-demand SPOT=0 
 VALID_UNTIL='' SOURCE=$REPO_ROOT PYTHON_VERSION='' CONFIG='' WORKDIR='' ITERATIONS='' POLL_INTERVAL=300
 MAX_RELAUNCHES=3 ONCE=0 ASSUME_STATE=PREEMPTED PREFLIGHT=0 DELETE_WHEN_DONE=0
 CREATE_FLAGS=() STAGES=() ENVS=() OVERRIDES=()
-normalize_args "$@"
-set -- ${NORMALIZED_ARGS[@]+"${NORMALIZED_ARGS[@]}"}
-while (($#)); do
-  if tpu_flag "$@" || create_flag "$@"; then shift "$TAKEN"; continue; fi
+babysit_flag() {
+  if create_flag "$@"; then return; fi
+  TAKEN=2
   case $1 in
     --create-flag)
       if (($# < 2)) || [[ -z $2 ]]; then die "option --create-flag needs a value"; fi
-      CREATE_FLAGS+=("$2"); shift 2 ;;
-    --source) need_value "$@"; SOURCE=$2; shift 2 ;;
-    --python) need_value "$@"; PYTHON_VERSION=$2; shift 2 ;;
-    --stage) need_value "$@"; STAGES+=("$2"); shift 2 ;;
-    --env) need_value "$@"; ENVS+=("$2"); shift 2 ;;
-    --preflight) PREFLIGHT=1; shift ;;
-    --config) need_value "$@"; CONFIG=$2; shift 2 ;;
-    --workdir) need_value "$@"; WORKDIR=$2; shift 2 ;;
-    --iterations) need_value "$@"; ITERATIONS=$2; shift 2 ;;
-    --poll-interval) need_value "$@"; POLL_INTERVAL=$2; shift 2 ;;
-    --max-relaunches) need_value "$@"; MAX_RELAUNCHES=$2; shift 2 ;;
-    --once) ONCE=1; shift ;;
-    --delete-when-done) DELETE_WHEN_DONE=1; shift ;;
-    --assume-state) need_value "$@"; ASSUME_STATE=$2; shift 2 ;;
-    *) override_arg "$@"; shift "$TAKEN" ;;
+      CREATE_FLAGS+=("$2") ;;
+    --source) need_value "$@"; SOURCE=$2 ;;
+    --python) need_value "$@"; PYTHON_VERSION=$2 ;;
+    --stage) need_value "$@"; STAGES+=("$2") ;;
+    --env) need_value "$@"; ENVS+=("$2") ;;
+    --preflight) PREFLIGHT=1; TAKEN=1 ;;
+    --config) need_value "$@"; CONFIG=$2 ;;
+    --workdir) need_value "$@"; WORKDIR=$2 ;;
+    --iterations) need_value "$@"; ITERATIONS=$2 ;;
+    --poll-interval) need_value "$@"; POLL_INTERVAL=$2 ;;
+    --max-relaunches) need_value "$@"; MAX_RELAUNCHES=$2 ;;
+    --once) ONCE=1; TAKEN=1 ;;
+    --delete-when-done) DELETE_WHEN_DONE=1; TAKEN=1 ;;
+    --assume-state) need_value "$@"; ASSUME_STATE=$2 ;;
+    *) override_arg "$@" ;;
   esac
-done
+}
+parse_flags babysit_flag "$@"
 if ((DRY_RUN)); then ONCE=1; fi  # a dry run prints one cycle
 
 require --name "$NAME"

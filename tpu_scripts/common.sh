@@ -95,6 +95,20 @@ normalize_args() {
   done
 }
 
+# parse_flags HANDLER "$@": the command line, --flag=value split first (normalize_args), word by word:
+# the flags every script has (tpu_flag), then `HANDLER "$@"` for the script's own, which puts in TAKEN
+# how many words it used (or exits with a usage error).
+parse_flags() {
+  local handler=$1
+  shift
+  normalize_args "$@"
+  set -- ${NORMALIZED_ARGS[@]+"${NORMALIZED_ARGS[@]}"}
+  while (($#)); do
+    tpu_flag "$@" || "$handler" "$@"
+    shift "$TAKEN"
+  done
+}
+
 # tpu_flag "$@": take one of the flags every script has (-h/--help, --name, --zone, --project, --dry-run)
 # and put in TAKEN how many words it used; fails (status 1) when $1 is another flag, for the script's own case.
 tpu_flag() {

@@ -45,17 +45,17 @@ EOF
 NAME='' ZONE='' ACCELERATOR_TYPE='' VERSION='' PROJECT='' MODE=on-demand SPOT=0 RESERVED=0 QUEUED_ID=''
 VALID_UNTIL='' WAIT=1 POLL_INTERVAL=60
 EXTRA=()
-normalize_args "$@"
-set -- ${NORMALIZED_ARGS[@]+"${NORMALIZED_ARGS[@]}"}
-while (($#)); do
-  if tpu_flag "$@" || create_flag "$@"; then shift "$TAKEN"; continue; fi
+create_script_flag() {
+  if create_flag "$@"; then return; fi
+  TAKEN=2
   case $1 in
-    --no-wait) WAIT=0; shift ;;
-    --poll-interval) need_value "$@"; POLL_INTERVAL=$2; shift 2 ;;
-    --) shift; EXTRA+=("$@"); break ;;
+    --no-wait) WAIT=0; TAKEN=1 ;;
+    --poll-interval) need_value "$@"; POLL_INTERVAL=$2 ;;
+    --) shift; EXTRA+=("$@"); TAKEN=$(($# + 1)) ;;
     *) die "unknown argument $1" ;;
   esac
-done
+}
+parse_flags create_script_flag "$@"
 
 require --name "$NAME"
 require --zone "$ZONE"

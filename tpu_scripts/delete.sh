@@ -27,17 +27,16 @@ EOF
 }
 
 NAME='' ZONE='' PROJECT='' MODE=on-demand QUEUED_ID='' YES=0
-normalize_args "$@"
-set -- ${NORMALIZED_ARGS[@]+"${NORMALIZED_ARGS[@]}"}
-while (($#)); do
-  if tpu_flag "$@"; then shift "$TAKEN"; continue; fi
+delete_flag() {
+  TAKEN=2
   case $1 in
-    --mode) need_value "$@"; MODE=$2; shift 2 ;;
-    --queued-id) need_value "$@"; QUEUED_ID=$2; shift 2 ;;
-    --yes | --quiet) YES=1; shift ;;
+    --mode) need_value "$@"; MODE=$2 ;;
+    --queued-id) need_value "$@"; QUEUED_ID=$2 ;;
+    --yes | --quiet) YES=1; TAKEN=1 ;;
     *) die "unknown argument $1" ;;
   esac
-done
+}
+parse_flags delete_flag "$@"
 
 require --name "$NAME"
 require --zone "$ZONE"

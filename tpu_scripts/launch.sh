@@ -45,20 +45,19 @@ EOF
 
 NAME='' ZONE='' PROJECT='' CONFIG='' WORKDIR='' RESTART=0 STOP_ONLY=0 STOP_TIMEOUT=300
 OVERRIDES=() ENVS=()
-normalize_args "$@"
-set -- ${NORMALIZED_ARGS[@]+"${NORMALIZED_ARGS[@]}"}
-while (($#)); do
-  if tpu_flag "$@"; then shift "$TAKEN"; continue; fi
+launch_flag() {
+  TAKEN=2
   case $1 in
-    --config) need_value "$@"; CONFIG=$2; shift 2 ;;
-    --workdir) need_value "$@"; WORKDIR=$2; shift 2 ;;
-    --env) need_value "$@"; ENVS+=("$2"); shift 2 ;;
-    --restart) RESTART=1; shift ;;
-    --stop) STOP_ONLY=1; shift ;;
-    --stop-timeout) need_value "$@"; STOP_TIMEOUT=$2; shift 2 ;;
-    *) override_arg "$@"; shift "$TAKEN" ;;
+    --config) need_value "$@"; CONFIG=$2 ;;
+    --workdir) need_value "$@"; WORKDIR=$2 ;;
+    --env) need_value "$@"; ENVS+=("$2") ;;
+    --restart) RESTART=1; TAKEN=1 ;;
+    --stop) STOP_ONLY=1; TAKEN=1 ;;
+    --stop-timeout) need_value "$@"; STOP_TIMEOUT=$2 ;;
+    *) override_arg "$@" ;;
   esac
-done
+}
+parse_flags launch_flag "$@"
 
 require --name "$NAME"
 require --zone "$ZONE"

@@ -14,9 +14,8 @@ detected runs as a single process) and prints its index, host and devices. Then,
 - the versions of jax, jaxlib, libtpu, flax, optax, orbax-checkpoint, transformers and spacejax (and
   a digest of spacejax's source files) and the resolved config are gathered from every process
   (`multihost_utils.process_allgather`) and must be identical;
-- the config's mesh must fit the global device count (`sharding.make_mesh`), and
-  train.batch_size / train.grad_accum_steps and sampler.batch_size must be multiples of the
-  data x fsdp axes (`sharding.batch_size_divisor`);
+- the config's mesh must fit the global device count (`sharding.make_mesh`), and its batch sizes
+  must split over the data x fsdp axes (`config.check_batch_sizes`, as `spacejax train` checks);
 - the local paths the config reads (init_from, data.source, data.tokenizer) must exist on every host;
 - a sum over an array sharded on every device must give the right answer (the interconnect works).
 
@@ -219,19 +218,11 @@ def check_mesh(cfg, devices) -> tuple[list[str], str]:
     divisor = sharding.batch_size_divisor(mesh)
     axes = ", ".join(f"{axis}={size}" for axis, size in mesh.shape.items())
     described = f"mesh ({axes}) on {len(devices)} devices; batches split over data x fsdp = {divisor}"
-    problems = []
-    micro_batch = cfg.train.batch_size // cfg.train.grad_accum_steps
-    if micro_batch % divisor:
-        problems.append(
-            f"train.batch_size / train.grad_accum_steps = {cfg.train.batch_size} / {cfg.train.grad_accum_steps} "
-            f"= {micro_batch} is not divisible by mesh data x fsdp = {divisor} ({axes} on {len(devices)} "
-            f"devices): make train.batch_size a multiple of {divisor * cfg.train.grad_accum_steps} or change "
-            "mesh.data / mesh.fsdp")
-    if cfg.sampler.batch_size % divisor:
-        problems.append(
-            f"sampler.batch_size = {cfg.sampler.batch_size} is not divisible by mesh data x fsdp = {divisor} "
-            f"({axes} on {len(devices)} devices): make it a multiple of {divisor}")
-    return problems, described
+    try:
+        config_lib.check_batch_sizes(cfg, divisor)
+    except config_lib.ConfigError as error:
+        return [f"{error} (mesh {axes} on {len(devices)} devices)"], described
+    return [], described
 
 
 def allreduce_check(devices) -> tuple[list[str], str]:

@@ -37,15 +37,14 @@ EOF
 
 NAME='' ZONE='' PROJECT='' CONFIG=''
 OVERRIDES=()
-normalize_args "$@"
-set -- ${NORMALIZED_ARGS[@]+"${NORMALIZED_ARGS[@]}"}
-while (($#)); do
-  if tpu_flag "$@"; then shift "$TAKEN"; continue; fi
+preflight_flag() {
+  TAKEN=2
   case $1 in
-    --config) need_value "$@"; CONFIG=$2; shift 2 ;;
-    *) override_arg "$@"; shift "$TAKEN" ;;
+    --config) need_value "$@"; CONFIG=$2 ;;
+    *) override_arg "$@" ;;
   esac
-done
+}
+parse_flags preflight_flag "$@"
 
 require --name "$NAME"
 require --zone "$ZONE"

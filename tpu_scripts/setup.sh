@@ -40,18 +40,17 @@ EOF
 DEFAULT_PYTHON=3.11
 NAME='' ZONE='' PROJECT='' SOURCE=$REPO_ROOT TARBALL='' PYTHON_VERSION=$DEFAULT_PYTHON
 STAGES=()
-normalize_args "$@"
-set -- ${NORMALIZED_ARGS[@]+"${NORMALIZED_ARGS[@]}"}
-while (($#)); do
-  if tpu_flag "$@"; then shift "$TAKEN"; continue; fi
+setup_flag() {
+  TAKEN=2
   case $1 in
-    --source) need_value "$@"; SOURCE=$2; shift 2 ;;
-    --tarball) need_value "$@"; TARBALL=$2; shift 2 ;;
-    --python) need_value "$@"; PYTHON_VERSION=$2; shift 2 ;;
-    --stage) need_value "$@"; STAGES+=("$2"); shift 2 ;;
+    --source) need_value "$@"; SOURCE=$2 ;;
+    --tarball) need_value "$@"; TARBALL=$2 ;;
+    --python) need_value "$@"; PYTHON_VERSION=$2 ;;
+    --stage) need_value "$@"; STAGES+=("$2") ;;
     *) die "unknown argument $1" ;;
   esac
-done
+}
+parse_flags setup_flag "$@"
 
 require --name "$NAME"
 require --zone "$ZONE"

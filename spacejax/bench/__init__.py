@@ -1,15 +1,16 @@
-"""Benchmarks: loss stability curves (`curves`) and throughput against the machine's limits (`throughput`).
+"""Benchmarks: loss stability curves (`curves`), throughput (`throughput`) against the machine's
+measured limits (`machine`).
 
-`from spacejax import bench` gives both: `bench.stability(...)`, `bench.plot_workdirs(...)`,
+`from spacejax import bench` gives them all: `bench.stability(...)`, `bench.plot_workdirs(...)`,
 `bench.throughput.run(...)`, `bench.measure_matmul_peak()`, `bench.measure_memory_bandwidth()`.
 """
 
-from spacejax.bench import throughput
+from spacejax.bench import machine, throughput
 from spacejax.bench.curves import (DEFAULT_METHODS, EVAL_KEYS, STEP_KEYS, STEP_PLOTS, Method, collect, describe,
                                    kl_table, methods_in_order, parse_method, plot, plot_workdirs,
                                    stability, summary, write)
-from spacejax.bench.throughput import measure_matmul_peak, measure_memory_bandwidth
+from spacejax.bench.machine import measure_matmul_peak, measure_memory_bandwidth
 
 __all__ = ["DEFAULT_METHODS", "EVAL_KEYS", "STEP_KEYS", "STEP_PLOTS", "Method", "collect", "describe", "kl_table",
-           "measure_matmul_peak", "measure_memory_bandwidth", "methods_in_order", "parse_method", "plot",
+           "machine", "measure_matmul_peak", "measure_memory_bandwidth", "methods_in_order", "parse_method", "plot",
            "plot_workdirs", "stability", "summary", "throughput", "write"]

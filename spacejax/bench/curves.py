@@ -15,8 +15,8 @@ own), and its curve takes theta_0's evaluation from that run. So every method's 
 same KL, and every method directory is a run that `spacejax train` resumes and `spacejax plot` reads.
 
 A method is written `KIND[:KEY=VALUE]...`: KIND is a registered loss (losses.LOSSES), a bare KEY is
-a `loss.` field (`spin:beta=0.1`, `space:mu=2`, `dpo:beta=0.1:label_smoothing=0.1`), a dotted KEY
-is any config override (`spin:beta=0.5:selfplay.mix_previous=true`).
+a `loss.` field (`spin:beta=0.1`, `space:mu=2`, `dpo:beta=0.1:label_smoothing=0.1`, `spin:spin_kind=hinge`),
+a dotted KEY is any config override (`spin:beta=0.5:selfplay.mix_previous=true`).
 """
 
 from __future__ import annotations
@@ -72,16 +72,17 @@ def parse_method(spec: str) -> Method:
 
 
 def describe(cfg: config.RunConfig) -> str:
-    """The canonical method name of a run's config: `spin:beta=0.1`, `space:mu=2`, `sft`."""
-    kind = cfg.loss.kind
-    understood = losses.hyperparameters(kind)
-    parts = [kind]
-    if "mu" in understood:
-        parts.append(f"mu={cfg.loss.mu:g}")
-    if "beta" in understood and cfg.loss.beta is not None:
-        parts.append(f"beta={cfg.loss.beta:g}")
-    if "label_smoothing" in understood and cfg.loss.label_smoothing:
-        parts.append(f"label_smoothing={cfg.loss.label_smoothing:g}")
+    """The canonical method name of a run's config: the loss kind, then `KEY=VALUE` (KEY its `loss.`
+    field) for each float hyperparameter of the loss that the config sets (not null) and each option
+    off its default, then `selfplay.mix_previous=true` when set: `spin:beta=0.1`, `space:mu=2`,
+    `spin:beta=0.1:spin_kind=hinge`, `sft`."""
+    loss = losses.get_loss(cfg.loss.kind)
+    parts = [cfg.loss.kind]
+    for name, value in loss.config_values(cfg.loss).items():
+        if name in loss.hyperparameters and value is not None:
+            parts.append(f"{loss.config_key(name)}={value:g}")
+        elif name in loss.options and value != loss.defaults[name]:
+            parts.append(f"{loss.config_key(name)}={str(value).lower() if isinstance(value, bool) else value}")
     if cfg.selfplay.mix_previous:
         parts.append("selfplay.mix_previous=true")
     return ":".join(parts)

@@ -16,8 +16,9 @@ in every round too; the best of those calls counts.
     sampler   `sampler.generate` with `sampler.Greedy()` and no end id, for each batch size: prompts
               of data.max_prompt_length tokens, sampler.max_new_tokens new ones; tokens/s = new
               tokens / wall time of the whole call (prompt included).
-    limits    `measure_matmul_peak` (FLOP/s of a jitted matmul in the model's compute dtype) and
-              `measure_memory_bandwidth` (bytes/s of a jitted reduction); other benchmarks import them.
+    limits    `machine.measure_matmul_peak` (FLOP/s of a jitted matmul in the model's compute dtype)
+              and `machine.measure_memory_bandwidth` (bytes/s of a jitted reduction), from
+              spacejax.bench.machine, which other benchmarks import too.
 
 Model FLOPs (PaLM's appendix B accounting: matmuls only, 2 FLOPs per multiply-add):
 
@@ -56,21 +57,19 @@ The JSON (written atomically):
                                less that of a 1-token call, over T - 1 steps), step_roofline_seconds,
                                step_roofline_fraction
     (train, score, sampler)    with --profile DIR: profile, the top XLA ops of one traced call
-                               ([{op, milliseconds, calls, shape, source}], see `profile_top_ops`
-                               and `with_sources`; traces in DIR/PART/, train's and score's HLO
-                               text in DIR/PART/module.hlo.txt)
+                               ([{op, milliseconds, calls, shape, source}], see
+                               `machine.profile_top_ops` and `machine.with_sources`; traces in
+                               DIR/PART/, train's and score's HLO text in DIR/PART/module.hlo.txt)
     score_over_train           score tokens/s / train tokens/s
     max_rss_bytes              the process's peak resident memory (host; on CPU it holds the arrays)
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import os
 import platform
-import re
 import resource
 import tempfile
 import time
@@ -82,93 +81,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from spacejax import config, data, metrics, model, sampler, train
+from spacejax.bench import machine
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "throughput.yaml"
 SAMPLER_BATCHES = (8, 32)
-MATMUL_SIZE = 2048
-BANDWIDTH_BYTES = 2**28
-LIMIT_REPEATS = 20
-
-
-# ----------------------------------------------------------------------------------- machine limits
-
-
-def timed_calls(fn: Callable[[], object], repeats: int) -> list[float]:
-    """Wall seconds of `repeats` calls of `fn` (its result blocked on), after one warm-up call."""
-    jax.block_until_ready(fn())
-    seconds = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        jax.block_until_ready(fn())
-        seconds.append(time.perf_counter() - started)
-    return seconds
-
-
-def matmul_call(size: int = MATMUL_SIZE, dtype=jnp.float32) -> tuple[Callable[[], jax.Array], int]:
-    """(a call of a jitted [size, size] @ [size, size] matmul in `dtype`, its FLOPs 2 size^3)."""
-    a, b = jax.random.normal(jax.random.key(0), (2, size, size), dtype)
-    matmul = jax.jit(jnp.matmul)
-    return lambda: matmul(a, b), 2 * size**3
-
-
-def reduction_call(num_bytes: int = BANDWIDTH_BYTES) -> tuple[Callable[[], jax.Array], int]:
-    """(a call of a jitted float32 sum over a `num_bytes` array, the bytes it reads)."""
-    x = jnp.ones((num_bytes // 4,), jnp.float32)
-    total = jax.jit(jnp.sum)
-    return lambda: total(x), x.nbytes
-
-
-def measure_matmul_peak(size: int = MATMUL_SIZE, dtype=jnp.float32, repeats: int = LIMIT_REPEATS) -> float:
-    """FLOP/s of a jitted [size, size] @ [size, size] matmul (2 size^3 FLOPs) in `dtype`, best of
-    `repeats` on the default device: the compute peak that MFU is measured against."""
-    call, flops = matmul_call(size, dtype)
-    return flops / min(timed_calls(call, repeats))
-
-
-def measure_memory_bandwidth(num_bytes: int = BANDWIDTH_BYTES, repeats: int = LIMIT_REPEATS) -> float:
-    """Bytes/s a jitted float32 sum reads from a `num_bytes` array (default 256 MiB, far past any
-    CPU cache; use ~4 GiB on a GPU), best of `repeats` on the default device: the bound of a
-    memory-bound decode step."""
-    call, num_bytes = reduction_call(num_bytes)
-    return num_bytes / min(timed_calls(call, repeats))
-
-
-# ----------------------------------------------------------------------------------- profiles
-
-# XLA:CPU's bookkeeping, not ops: its thread pools, and the "end: <op>" marker of an op that
-# completes asynchronously (the op's own event holds its time)
-RUNTIME_EVENTS = ("ThreadpoolListener", "ThunkExecutor", "SlinkyThreadPool", "end: ")
-
-
-def profile_top_ops(fn: Callable[[], object], directory, top: int = 12) -> list[dict]:
-    """Trace one call of `fn` with jax.profiler into `directory` (open it in XProf or Perfetto) and
-    sum each XLA op's time over the trace: [{op, milliseconds, calls}], largest first. The ops are
-    those on the device's "XLA Ops" line or, on CPU, on XLA's worker threads, where ops of two
-    threads may overlap in time (their sum can exceed the wall time)."""
-    with jax.profiler.trace(str(directory)):
-        jax.block_until_ready(fn())
-    trace = max(Path(directory).rglob("*.xplane.pb"), key=lambda path: path.stat().st_mtime)
-    milliseconds, calls = collections.Counter(), collections.Counter()
-    for plane in jax.profiler.ProfileData.from_file(str(trace)).planes:
-        for line in plane.lines:
-            if line.name != "XLA Ops" and not line.name.startswith("tf_XLA"):
-                continue
-            for event in line.events:
-                if not event.name.startswith(RUNTIME_EVENTS):
-                    milliseconds[event.name] += event.duration_ns / 1e6
-                    calls[event.name] += 1
-    return [{"op": op, "milliseconds": ms, "calls": calls[op]} for op, ms in milliseconds.most_common(top)]
-
-
-def with_sources(ops: list[dict], hlo_text: str) -> list[dict]:
-    """Top ops (from `profile_top_ops`) with the `shape` and `source` (the jax op_name: which
-    primitive of which function made it) of their instruction in a compiled HLO module's text."""
-    described = []
-    for op in ops:
-        line = re.search(rf"^\s*(?:ROOT )?%{re.escape(op['op'])} = (\S+) .*$", hlo_text, re.M)
-        source = line and re.search(r'op_name="([^"]*)"', line[0])
-        described.append({**op, **({"shape": line[1]} if line else {}), **({"source": source[1]} if source else {})})
-    return described
 
 
 # ----------------------------------------------------------------------------------- model FLOPs
@@ -177,7 +93,7 @@ def with_sources(ops: list[dict], hlo_text: str) -> list[dict]:
 def matmul_params(cfg: config.ModelConfig, params: dict) -> int:
     """N: the parameters a token's forward multiplies by, i.e. all but the embedding table (a
     lookup); with tied embeddings the table is the output projection and counts."""
-    table = 0 if cfg.tie_word_embeddings else params["embed_tokens"]["embedding"].size
+    table = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size
     return model.num_params(params) - table
 
 
@@ -260,7 +176,7 @@ def train_part(run_cfg: config.RunConfig, params: dict, batch: dict) -> Part:
     """The SPIN step as self-play runs it: `train.make_train_step(train.pair_objective)` with the
     config's optimizer, jitted with the state donated (each call continues from the last state);
     `fields` hold the compiled step's memory analysis."""
-    step = train.make_train_step(train.pair_objective(run_cfg.model, run_cfg.loss.kind), run_cfg.train)
+    step = train.make_train_step(train.pair_objective(run_cfg.model, run_cfg.loss), run_cfg.train)
     hyper = train.hyperparameters(run_cfg.train, 1000, train.loss_hyperparameters(run_cfg.loss))
     state = jax.jit(lambda p: train.create_state(p, run_cfg.train))(params)  # a copy: `params` survives the donation
     compiled = jax.jit(step, donate_argnums=0).lower(state, batch, hyper).compile()
@@ -329,30 +245,31 @@ def rates(part: Part, seconds: Sequence[float], peak: float) -> dict:
 
 def profile(part: Part, directory: Path) -> list[dict]:
     """The top ops of one traced call of `part`, with their sources when it has one HLO module."""
-    ops = profile_top_ops(part.call, directory)
+    ops = machine.profile_top_ops(part.call, directory)
     if part.hlo is None:
         return ops
     text = part.hlo()
     (directory / "module.hlo.txt").write_text(text)
-    return with_sources(ops, text)
+    return machine.with_sources(ops, text)
 
 
 # ----------------------------------------------------------------------------------- the run
 
 
 def run(run_cfg: config.RunConfig, out, *, sampler_batches: Sequence[int] = SAMPLER_BATCHES, repeats: int = 5,
-        matmul_size: int = MATMUL_SIZE, bandwidth_bytes: int = BANDWIDTH_BYTES,
+        matmul_size: int = machine.MATMUL_SIZE, bandwidth_bytes: int = machine.BANDWIDTH_BYTES,
         profile_dir=None, command: Optional[str] = None) -> dict:
     """Measure everything (see the module doc), write the JSON to `out` atomically, return it.
     With `profile_dir`, each part also gets `profile`, the top XLA ops of one traced call
-    (`profile_top_ops`; the trace in profile_dir/PART/, beside the HLO text of train and score)."""
+    (`machine.profile_top_ops`; the trace in profile_dir/PART/, beside the HLO text of train and score)."""
     load = os.getloadavg()[0]
     bar = metrics.progress(total=3 + len(sampler_batches) + repeats + (profile_dir is not None), unit="stage",
                            desc="bench throughput")
     bar.set_postfix_str("matmul peak, memory bandwidth")
     (matmul, matmul_flops), (reduction, reduction_bytes) = (
-        matmul_call(matmul_size, jnp.dtype(run_cfg.model.dtype)), reduction_call(bandwidth_bytes))
-    limit_seconds = {"matmul": timed_calls(matmul, LIMIT_REPEATS), "reduction": timed_calls(reduction, LIMIT_REPEATS)}
+        machine.matmul_call(matmul_size, jnp.dtype(run_cfg.model.dtype)), machine.reduction_call(bandwidth_bytes))
+    limit_seconds = {"matmul": machine.timed_calls(matmul, machine.LIMIT_REPEATS),
+                     "reduction": machine.timed_calls(reduction, machine.LIMIT_REPEATS)}
     bar.update()
 
     params = jax.jit(lambda key: model.init(run_cfg.model, key))(jax.random.key(run_cfg.seed))
@@ -430,8 +347,8 @@ def write_json_atomic(path, value: dict) -> dict:
 
 def format_table(result: dict) -> str:
     """The figures as a readable table."""
-    limits, machine, gflops = result["limits"], result["machine"], 1e-9
-    lines = [f"{machine['device']} ({machine['platform']}), load {machine['load_average_1min']:.2f}: "
+    limits, host, gflops = result["limits"], result["machine"], 1e-9
+    lines = [f"{host['device']} ({host['platform']}), load {host['load_average_1min']:.2f}: "
              f"matmul peak {limits['matmul_flops_per_second'] * gflops:.1f} GFLOP/s ({limits['matmul_dtype']} "
              f"{limits['matmul_size']}^3), memory bandwidth {limits['memory_bytes_per_second'] * gflops:.1f} GB/s",
              f"model: {result['model']['params'] / 1e6:.1f}M params, N = {result['model']['matmul_params'] / 1e6:.1f}M "

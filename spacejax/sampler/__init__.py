@@ -4,8 +4,11 @@
                            max_new_tokens=256, batch_size=32, num_samples=2)
 
 How a call runs. Every (prompt, sample) pair is a row. Rows are sorted by prompt length and cut
-into batches of `batch_size` rows, each left-padded to a length bucket (powers of two from 16,
-or `buckets`), so a whole run compiles one prefill and one decode per bucket. A batch runs as
+into batches of `batch_size` rows, each left-padded to a length bucket (`data.bucket_length` over
+powers of two from 16, or `buckets`), so a whole run compiles one prefill and one decode per
+bucket. Both run through the model's own forward, `model.apply` with a cache, on the layer-unstacked
+weights of `model.decode_params` (made once per call, or once by a caller that passes them as
+`decode_weights`). A batch runs as
 
     prefill  `model.apply` runs the prompt minus its last token into a fresh KV cache of
              S = P - 1 + T slots; its logits are never used, so XLA drops the vocabulary
@@ -16,13 +19,6 @@ or `buckets`), so a whole run compiles one prefill and one decode per bucket. A 
              `max_new_tokens` steps; nothing comes back to the host until it ends.
 
 While one batch decodes, the host prepares the next (JAX dispatches asynchronously).
-
-The one-token step (`step_forward`) is the model's math for L = 1 on weights re-laid out once per
-call (`step_params`: one extra copy of the weights while generating; a caller generating from the
-same params many times makes it once and passes `step_weights`): layers unstacked, since a
-scan over stacked layers copies each layer's weights out at every step; q/k/v and gate/up fused;
-kernels [out, in]; and per-layer caches [B, K, S, D], which both attention products read without
-a transpose. It equals `model.apply` with a cache to float32 rounding (tests/test_sampler.py).
 
 Randomness. Row (prompt index i, sample j) draws step t's token with
 `fold_in(fold_in(fold_in(key(seed), i), j), t)`, so its sample depends neither on the batch size
@@ -53,21 +49,19 @@ over fsdp once), others are replicated. The jitted functions are the same ones; 
 unsharded run. Multi-process: every process passes the same prompts; each places only its own rows
 of every batch (`sharding.put_batch`) and reads all the results back (`sharding.to_host`).
 
-The package: `strategies` (Greedy, Sampling, ...), `step` (the one-token step and its weights
-layout), `loop` (jitted prefill and decode), `generation` (`generate`, `Completions`), `generator`
+The package: `strategies` (Greedy, Sampling, ...), `loop` (jitted prefill and decode), `generation` (`generate`, `Completions`), `generator`
 (the loop's Generator interface: requests with token limits and stop sequences, completed chunks
 reported as they finish; `SamplerGenerator` is this sampler behind it), `files` (JSONL prompts and
 completions).
 """
 
 from spacejax.sampler.files import completion_rows, read_prompts, write_jsonl_atomic
-from spacejax.sampler.generation import MIN_BUCKET, Completions, bucket_length, generate
+from spacejax.sampler.generation import MIN_BUCKET, Completions, generate, prompt_buckets
 from spacejax.sampler.generator import Generator, Request, SamplerGenerator, cut_at_stop
 from spacejax.sampler.loop import DecodeState, decode, prefill
-from spacejax.sampler.step import step_forward, step_params
 from spacejax.sampler.strategies import Greedy, Sampling, Temperature, TopK, TopP, top_k_filter, top_p_filter
 
 __all__ = ["Completions", "DecodeState", "Generator", "Greedy", "MIN_BUCKET", "Request", "SamplerGenerator",
            "cut_at_stop", "Sampling", "Temperature", "TopK", "TopP",
-           "bucket_length", "completion_rows", "decode", "generate", "prefill", "read_prompts", "step_forward",
-           "step_params", "top_k_filter", "top_p_filter", "write_jsonl_atomic"]
+           "completion_rows", "decode", "generate", "prefill", "prompt_buckets", "read_prompts", "top_k_filter",
+           "top_p_filter", "write_jsonl_atomic"]

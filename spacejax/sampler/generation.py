@@ -12,13 +12,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from spacejax import sharding
+from spacejax import config, data, model, sharding
 from spacejax.config import ModelConfig
 from spacejax.sampler.loop import DecodeState, decode, prefill
-from spacejax.sampler.step import step_params
 from spacejax.sampler.strategies import Greedy
 
-MIN_BUCKET = 16
+MIN_BUCKET = 16  # prompts are left-padded to powers of two from here unless `buckets` are given
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,14 +40,11 @@ class Completions:
         return self.tokens[row, :self.lengths[row]]
 
 
-def bucket_length(length: int, buckets: Optional[Sequence[int]] = None) -> int:
-    """The smallest bucket >= length: from `buckets`, or the powers of two from MIN_BUCKET."""
-    if buckets is None:
-        return max(MIN_BUCKET, 1 << (length - 1).bit_length())
-    fitting = [b for b in sorted(buckets) if b >= length]
-    if not fitting:
-        raise ValueError(f"a prompt of {length} tokens is longer than the largest bucket ({max(buckets)})")
-    return fitting[0]
+def prompt_buckets(cfg: ModelConfig) -> tuple[int, ...]:
+    """The default prompt length buckets: the powers of two from MIN_BUCKET below the model's
+    max_position_embeddings (which `data.bucket_length` adds as the last)."""
+    return tuple(MIN_BUCKET << i for i in range(max(cfg.max_position_embeddings.bit_length(), 1))
+                 if MIN_BUCKET << i < cfg.max_position_embeddings)
 
 
 def _as_key(rng_or_seed) -> jax.Array:
@@ -60,7 +56,7 @@ def _as_key(rng_or_seed) -> jax.Array:
     return key
 
 
-def _check_prompts(prompts, vocab_size: int) -> list[np.ndarray]:
+def _check_prompts(prompts, vocab_size: int, max_length: int) -> list[np.ndarray]:
     checked = []
     for i, prompt in enumerate(prompts):
         ids = np.asarray(prompt)
@@ -70,21 +66,25 @@ def _check_prompts(prompts, vocab_size: int) -> list[np.ndarray]:
         if outside.size:
             raise ValueError(f"prompt {i}: token id {ids[outside[0]]} at {outside[0]} is outside the "
                              f"vocabulary [0, {vocab_size})")
+        if ids.size > max_length:
+            raise ValueError(f"prompt {i} has {ids.size} tokens, more than the model's max_position_embeddings "
+                             f"({max_length}): shorten it")
         checked.append(ids.astype(np.int32))
     return checked
 
 
-def _check_step_weights(step_weights: dict, expected) -> None:
-    """Raise if `step_weights` do not have the leaves and shapes `step_params` gives these params."""
+def _check_decode_weights(decode_weights: dict, expected) -> None:
+    """Raise if `decode_weights` do not have the leaves and shapes `model.decode_params` gives
+    these params."""
     def shapes(tree) -> dict:
         return {jax.tree_util.keystr(path): tuple(leaf.shape)
                 for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
-    got, want = shapes(step_weights), shapes(expected)
+    got, want = shapes(decode_weights), shapes(expected)
     if got != want:
         key = next(k for k in sorted(got.keys() | want.keys()) if got.get(k) != want.get(k))
-        raise ValueError(f"step_weights{key} has shape {got.get(key, 'none')}, step_params(cfg, params) gives "
-                         f"{want.get(key, 'none')}: pass sampler.step_params(cfg, params) of the params you "
+        raise ValueError(f"decode_weights{key} has shape {got.get(key, 'none')}, model.decode_params(cfg, params) "
+                         f"gives {want.get(key, 'none')}: pass model.decode_params(cfg, params) of the params you "
                          f"generate from")
 
 
@@ -131,7 +131,7 @@ def generate(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], r
              batch_size: int = 32, num_samples: int = 1, prompt_indices: Optional[Sequence[int]] = None,
              pad_id: int = 0, buckets: Optional[Sequence[int]] = None, mesh: Optional[Mesh] = None,
              return_logprobs: bool = False, return_logits: bool = False, gather_weights: bool = False,
-             step_weights: Optional[dict] = None, progress: bool = True,
+             decode_weights: Optional[dict] = None, progress: bool = True,
              on_rows: Optional[Callable[[np.ndarray, np.ndarray, np.ndarray], None]] = None) -> Completions:
     """Generate `num_samples` completions of up to `max_new_tokens` for each prompt.
 
@@ -140,6 +140,10 @@ def generate(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], r
     (default `cfg.eos_token_ids`; empty: always generate `max_new_tokens`). prompt_indices: the
     index each prompt's randomness derives from (default 0..len-1). batch_size: rows per batch
     (smaller when there are fewer rows; with a mesh, a multiple of its data x fsdp size).
+    buckets: prompt length buckets (`data.bucket_length`, up to max_position_embeddings; default
+    `prompt_buckets(cfg)`). decode_weights: `model.decode_params(cfg, params)` made once by a caller
+    that generates from the same params many times (default: made at every call, one extra copy of
+    the layer weights while generating).
     gather_weights: with a mesh, all-gather the decode weights over fsdp once before decoding instead
     of leaving XLA to gather some at every step (memory: the weights / tensor per device). Off by
     default, as it costs memory and on 8 simulated CPU devices neither wins beyond the noise
@@ -152,7 +156,7 @@ def generate(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], r
     if max_new_tokens < 1 or batch_size < 1 or num_samples < 1:
         raise ValueError(f"max_new_tokens, batch_size and num_samples must be >= 1, got "
                          f"{max_new_tokens}, {batch_size}, {num_samples}")
-    prompts = _check_prompts(prompts, cfg.vocab_size)
+    prompts = _check_prompts(prompts, cfg.vocab_size, cfg.max_position_embeddings)
     if prompt_indices is None:
         prompt_indices = np.arange(len(prompts))
     prompt_indices = np.asarray(prompt_indices, np.int64)
@@ -161,27 +165,27 @@ def generate(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], r
     end_ids = tuple(int(e) for e in (cfg.eos_token_ids if end_ids is None else end_ids))
     base_key = _as_key(rng_or_seed)
     shards = 1 if mesh is None else sharding.batch_size_divisor(mesh)
-    if batch_size % shards:
-        raise ValueError(f"batch_size {batch_size} must be a multiple of the mesh's data x fsdp size ({shards})")
+    config.check_split("batch_size", batch_size, shards)
 
     num_rows = len(prompts) * num_samples
     row_prompt = np.repeat(np.arange(len(prompts)), num_samples)
     row_sample = np.tile(np.arange(num_samples, dtype=np.int32), len(prompts))
     # Fewer rows than a batch: shrink it to a power of two (a multiple of the shards) that fits.
     batch = min(batch_size, -(-max(1 << (num_rows - 1).bit_length(), 1) // shards) * shards)
-    row_bucket = np.array([bucket_length(len(prompts[p]), buckets) for p in row_prompt], np.int64)
+    buckets = prompt_buckets(cfg) if buckets is None else buckets
+    row_bucket = np.array([data.bucket_length(len(prompts[p]), cfg.max_position_embeddings, buckets)
+                           for p in row_prompt], np.int64)
     order = np.argsort(np.array([len(prompts[p]) for p in row_prompt]), kind="stable")
     batches = []
     for bucket in np.unique(row_bucket):
         rows = order[row_bucket[order] == bucket]
         batches += [(int(bucket), rows[i:i + batch]) for i in range(0, len(rows), batch)]
 
-    params = _place_params(params, mesh)
-    if step_weights is None:
-        weights = step_params(cfg, params)
+    if decode_weights is None:
+        weights = model.decode_params(cfg, _place_params(params, mesh))
     else:
-        _check_step_weights(step_weights, jax.eval_shape(step_params, cfg, params))
-        weights = _place_params(step_weights, mesh)
+        _check_decode_weights(decode_weights, jax.eval_shape(lambda p: model.decode_params(cfg, p), params))
+        weights = _place_params(decode_weights, mesh)
     if gather_weights and mesh is not None:
         weights = _without_fsdp(weights, mesh)
     end_ids_array = jnp.asarray(end_ids, jnp.int32).reshape(-1)
@@ -200,7 +204,7 @@ def generate(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], r
         rows_on_device = _place_rows(dict(prompt_tokens=tokens, prompt_mask=mask, active=active,
                                           prompt_indices=prompt_indices[row_prompt[fill]].astype(np.int32),
                                           sample_indices=row_sample[fill]), mesh)
-        state = prefill(params=params, base_key=base_key, pad_id=pad, **rows_on_device,
+        state = prefill(weights=weights, base_key=base_key, pad_id=pad, **rows_on_device,
                         max_new_tokens=max_new_tokens, keep_logprobs=return_logprobs,
                         keep_logits=return_logits, **settings)
         return decode(weights=weights, state=state, end_ids=end_ids_array, pad_id=pad, strategy=sampling, **settings)

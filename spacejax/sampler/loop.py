@@ -1,4 +1,5 @@
-"""The jitted prefill and the jitted `lax.while_loop` decode over donated state."""
+"""The jitted prefill and the jitted `lax.while_loop` decode over donated state, both through
+`model.apply` with a cache on the params of `model.decode_params`."""
 
 from __future__ import annotations
 
@@ -8,23 +9,20 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 from flax import struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
-from spacejax import model
-from spacejax.config import BATCH_AXES, TENSOR_AXIS, ModelConfig
-from spacejax.sampler.step import step_forward
+from spacejax import axes, model
+from spacejax.config import ModelConfig
 
 
 @struct.dataclass
 class DecodeState:
     """What the decode loop carries; B rows, T = max_new_tokens, S cache slots, V vocabulary."""
 
-    step: jax.Array  # [] int32, steps taken; the next cache slot is S - T + step
+    step: jax.Array  # [] int32, steps taken
     last_tokens: jax.Array  # [B] int32, the token fed at the next step
     positions: jax.Array  # [B] int32, its position
-    cache_keys: tuple  # one [B, K, S, D] per layer
-    cache_values: tuple  # one [B, K, S, D] per layer
-    key_positions: jax.Array  # [B, S] int32, -1 for empty slots and padding
+    cache: model.Cache  # keys / values [B, S, K, D] per layer; the next slot of each row
     rngs: jax.Array  # [B] PRNG keys of the rows
     done: jax.Array  # [B] bool, produced an end id (or is a padding row)
     lengths: jax.Array  # [B] int32, tokens generated, the end id included
@@ -33,48 +31,38 @@ class DecodeState:
     logits: Optional[jax.Array]  # [B, T, V] float32 or None (debugging and tests)
 
 
-def _batch_spec(mesh: Mesh, *rest) -> PartitionSpec:
-    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-    return PartitionSpec(axes or None, *rest)
-
-
-def _constrain(state: DecodeState, cfg: ModelConfig, mesh: Optional[Mesh]) -> DecodeState:
-    """Pin the state's layout on `mesh`: batch over (data, fsdp), the cache's kv heads over tensor."""
+def _constrain(state: DecodeState, mesh: Optional[Mesh]) -> DecodeState:
+    """Pin the state's layout on `mesh` by the logical rules: every leaf's leading batch dim, and
+    the cache's kv heads too (`model.CACHE_AXES`)."""
     if mesh is None:
         return state
-    tensor = mesh.shape.get(TENSOR_AXIS, 1)
-    heads = TENSOR_AXIS if tensor > 1 and cfg.num_kv_heads % tensor == 0 else None
 
-    def spec(path, leaf):
-        if jax.tree_util.keystr(path).startswith((".cache_keys", ".cache_values")):  # [B, K, S, D]
-            return _batch_spec(mesh, heads, None, None)
-        return PartitionSpec() if leaf.ndim == 0 else _batch_spec(mesh, *([None] * (leaf.ndim - 1)))
+    def sharding(path, leaf):
+        layer_cache = jax.tree_util.keystr(path).startswith((".cache.keys", ".cache.values"))
+        logical = model.CACHE_AXES if layer_cache else ("batch",) + (None,) * (leaf.ndim - 1)
+        return NamedSharding(mesh, axes.spec_for(logical[:leaf.ndim], leaf.shape, mesh))
 
-    specs = jax.tree_util.tree_map_with_path(spec, state)
-    return jax.lax.with_sharding_constraint(state, jax.tree.map(lambda s: NamedSharding(mesh, s), specs))
+    return jax.lax.with_sharding_constraint(state, jax.tree_util.tree_map_with_path(sharding, state))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "keep_logprobs", "keep_logits", "mesh"))
-def prefill(cfg: ModelConfig, params: dict, prompt_tokens: jax.Array, prompt_mask: jax.Array,
+def prefill(cfg: ModelConfig, weights: dict, prompt_tokens: jax.Array, prompt_mask: jax.Array,
             base_key: jax.Array, prompt_indices: jax.Array, sample_indices: jax.Array,
             active: jax.Array, pad_id: jax.Array, *, max_new_tokens: int, keep_logprobs: bool = False,
             keep_logits: bool = False, mesh: Optional[Mesh] = None) -> DecodeState:
     """Run left-padded prompts [B, P] (mask [B, P], last column real) into a fresh cache.
 
-    prompt_indices, sample_indices [B] int32 seed the rows; rows with `active` [B] False are
+    weights: `model.decode_params(cfg, params)`. prompt_indices, sample_indices [B] int32 seed the rows; rows with `active` [B] False are
     padding rows and start done; pad_id [] fills `tokens`. Returns the decode state."""
     batch, length = prompt_tokens.shape
     cache = model.init_cache(cfg, batch, length - 1 + max_new_tokens)
-    _, cache = model.apply(cfg, params, prompt_tokens[:, :-1], cache=cache,
-                           attention_mask=prompt_mask[:, :-1])
+    _, cache = model.apply(cfg, weights, prompt_tokens[:, :-1], cache=cache, attention_mask=prompt_mask[:, :-1])
     row_key = lambda i, j: jax.random.fold_in(jax.random.fold_in(base_key, i), j)
     state = DecodeState(
         step=jnp.zeros((), jnp.int32),
         last_tokens=prompt_tokens[:, -1].astype(jnp.int32),
         positions=jnp.sum(prompt_mask, axis=1, dtype=jnp.int32) - 1,
-        cache_keys=tuple(cache.keys[i].transpose(0, 2, 1, 3) for i in range(cfg.num_layers)),
-        cache_values=tuple(cache.values[i].transpose(0, 2, 1, 3) for i in range(cfg.num_layers)),
-        key_positions=cache.key_positions,
+        cache=cache,
         rngs=jax.vmap(row_key)(prompt_indices, sample_indices),
         done=~active,
         lengths=jnp.zeros((batch,), jnp.int32),
@@ -82,7 +70,7 @@ def prefill(cfg: ModelConfig, params: dict, prompt_tokens: jax.Array, prompt_mas
         logprobs=jnp.zeros((batch, max_new_tokens), jnp.float32) if keep_logprobs else None,
         logits=(jnp.zeros((batch, max_new_tokens, cfg.vocab_size), jnp.float32) if keep_logits
                 else None))
-    return _constrain(state, cfg, mesh)
+    return _constrain(state, mesh)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "strategy", "mesh"), donate_argnames=("state",))
@@ -90,18 +78,16 @@ def decode(cfg: ModelConfig, weights: dict, state: DecodeState, end_ids: jax.Arr
            strategy, mesh: Optional[Mesh] = None) -> DecodeState:
     """Generate until every row is done or `tokens` is full; `state` is donated.
 
-    weights: `step_params(cfg, params)`. end_ids: [E] int32, possibly empty (then rows end only
+    weights: `model.decode_params(cfg, params)`. end_ids: [E] int32, possibly empty (then rows end only
     when `tokens` is full); pad_id: [] int32, written after a row's end."""
     max_new_tokens = state.tokens.shape[1]
-    first_slot = state.key_positions.shape[1] - max_new_tokens
 
     def not_finished(s: DecodeState):
         return (s.step < max_new_tokens) & ~jnp.all(s.done)
 
     def one_step(s: DecodeState) -> DecodeState:
-        logits, cache_keys, cache_values, key_positions = step_forward(
-            cfg, weights, s.last_tokens, s.positions, s.cache_keys, s.cache_values, s.key_positions,
-            first_slot + s.step)
+        logits, cache = model.apply(cfg, weights, s.last_tokens[:, None], s.positions[:, None], s.cache)
+        logits = logits[:, 0]
         step_rngs = jax.vmap(jax.random.fold_in, in_axes=(0, None))(s.rngs, s.step)
         picked = strategy.next_token(logits, step_rngs)  # done rows go on with valid ids...
         chosen = jnp.where(s.done, pad_id, picked)  # ...but write pad_id
@@ -113,10 +99,9 @@ def decode(cfg: ModelConfig, weights: dict, state: DecodeState, end_ids: jax.Arr
         if all_logits is not None:
             all_logits = all_logits.at[:, s.step].set(logits)
         s = s.replace(
-            step=s.step + 1, last_tokens=picked, positions=s.positions + 1, cache_keys=cache_keys,
-            cache_values=cache_values, key_positions=key_positions, done=s.done | ended,
+            step=s.step + 1, last_tokens=picked, positions=s.positions + 1, cache=cache, done=s.done | ended,
             lengths=jnp.where(s.done, s.lengths, s.step + 1), tokens=s.tokens.at[:, s.step].set(chosen),
             logprobs=logprobs, logits=all_logits)
-        return _constrain(s, cfg, mesh)
+        return _constrain(s, mesh)
 
     return jax.lax.while_loop(not_finished, one_step, state)

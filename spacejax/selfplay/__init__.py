@@ -13,11 +13,11 @@ sample), data order from (seed, iteration, epoch), so a resumed run reproduces a
 """
 
 from spacejax.selfplay.algorithm import SFT_ITERATION, generation_seed, opponent_logps, pairs_of, run, self_play
-from spacejax.selfplay.setup import Parts, check, initial_params, param_shardings, setup
+from spacejax.selfplay.setup import Parts, check, initial_params, setup
 from spacejax.selfplay.store import CONFIG_FILE, RunStore
 from spacejax.selfplay.task import Task, load_task
 from spacejax.trainer import NonFiniteLoss, Preempted
 
 __all__ = ["CONFIG_FILE", "NonFiniteLoss", "Parts", "Preempted", "RunStore", "SFT_ITERATION", "Task", "check",
-           "generation_seed", "initial_params", "load_task", "opponent_logps", "pairs_of", "param_shardings", "run",
+           "generation_seed", "initial_params", "load_task", "opponent_logps", "pairs_of", "run",
            "self_play", "setup"]

@@ -53,21 +53,9 @@ def check(cfg: RunConfig) -> None:
 
 def check_every_phase(cfg: RunConfig, mesh) -> None:
     """`check` every phase's config (selfplay.from_iteration applied) and its batch sizes against the mesh."""
-    divisor = sharding.batch_size_divisor(mesh)
     for iteration in range(-1, cfg.selfplay.iterations):
-        scheduled = config.at_iteration(cfg, iteration)
-        check(scheduled)
-        for key, rows in (("train.batch_size / train.grad_accum_steps",
-                           scheduled.train.batch_size // scheduled.train.grad_accum_steps),
-                          ("sampler.batch_size", scheduled.sampler.batch_size), ("data.num_eval", cfg.data.num_eval)):
-            if rows % divisor:
-                raise ConfigError(f"{key} = {rows}{f' (iteration {iteration})' if iteration >= 0 else ''} must "
-                                  f"be divisible by the {divisor} devices of mesh axes data x fsdp")
-
-
-def param_shardings(model_cfg, mesh):
-    shapes = jax.eval_shape(lambda: model.init(model_cfg, jax.random.key(0)))
-    return sharding.tree_shardings(model.logical_axes(model_cfg), shapes, mesh)
+        check(config.at_iteration(cfg, iteration))
+    config.check_batch_sizes(cfg, sharding.batch_size_divisor(mesh))
 
 
 def initial_params(cfg: RunConfig, mesh) -> tuple:
@@ -75,14 +63,14 @@ def initial_params(cfg: RunConfig, mesh) -> tuple:
     keep = {"param_dtype": cfg.model.param_dtype, "dtype": cfg.model.dtype, "remat": cfg.model.remat}
     if cfg.init_from is None:
         model_cfg = cfg.model
-        params = jax.jit(lambda rng: model.init(model_cfg, rng), out_shardings=param_shardings(model_cfg, mesh))(
+        params = jax.jit(lambda rng: model.init(model_cfg, rng), out_shardings=sharding.param_shardings(model_cfg, mesh))(
             jax.random.key(cfg.seed))
         return model_cfg, params
     if checkpoint.is_params_checkpoint(cfg.init_from):
         model_cfg = dataclasses.replace(checkpoint.load_config(cfg.init_from), **keep)
-        return model_cfg, checkpoint.load_params(cfg.init_from, param_shardings(model_cfg, mesh), **keep)[1]
+        return model_cfg, checkpoint.load_params(cfg.init_from, sharding.param_shardings(model_cfg, mesh), **keep)[1]
     model_cfg, params = hf.load(cfg.init_from, **keep)
-    return model_cfg, jax.device_put(params, param_shardings(model_cfg, mesh))
+    return model_cfg, jax.device_put(params, sharding.param_shardings(model_cfg, mesh))
 
 
 def setup(cfg: RunConfig, workdir) -> Parts:
@@ -98,7 +86,7 @@ def setup(cfg: RunConfig, workdir) -> Parts:
     # generating where its sampler did (`spacejax generate` reads them from the model config).
     end_ids = tuple(dict.fromkeys(model_cfg.eos_token_ids + tuple(i for i in task.end_ids if i is not None)))
     model_cfg = dataclasses.replace(model_cfg, eos_token_ids=end_ids)
-    store = RunStore(workdir, cfg, model_cfg, param_shardings(model_cfg, mesh), task.tokenizer)
+    store = RunStore(workdir, cfg, model_cfg, sharding.param_shardings(model_cfg, mesh), task.tokenizer)
     progress = jax.process_index() == 0
     scorer = Scorer(model_cfg, mesh, cfg.sampler.batch_size, progress=progress)
     sampling = sampler.Sampling(temperature=cfg.sampler.temperature, top_k=cfg.sampler.top_k or None,
@@ -112,12 +100,13 @@ def setup(cfg: RunConfig, workdir) -> Parts:
     pair_fn = {}
 
     def pair_objective(phase_cfg: RunConfig) -> trainer.Objective:
-        """The iteration's self-play loss: one function per loss kind, its hyperparameters as values."""
-        kind = phase_cfg.loss.kind
-        pair_fn.setdefault(kind, train.pair_objective(model_cfg, kind))
-        return trainer.Objective(kind, pair_fn[kind], train.loss_hyperparameters(phase_cfg.loss))
+        """The iteration's self-play loss: one function per compiled loss program (kind and static
+        options, `train.loss_program`), its hyperparameters as values."""
+        program = train.loss_program(phase_cfg.loss)
+        pair_fn.setdefault(program, train.pair_objective(model_cfg, phase_cfg.loss))
+        return trainer.Objective(program, pair_fn[program], train.loss_hyperparameters(phase_cfg.loss))
 
-    parts = Parts(mesh, task, theta_0, store, generator, scorer, fitter, pair_objective,
-                  trainer.Objective("sft", train.sft_objective(model_cfg), {}), [], preemption)
+    sft = trainer.Objective(train.loss_program(train.SFT_WARMUP), train.sft_objective(model_cfg), {})
+    parts = Parts(mesh, task, theta_0, store, generator, scorer, fitter, pair_objective, sft, [], preemption)
     parts.evaluators = [evaluators_module.EVALUATORS[name](parts) for name in evaluators_module.names(cfg)]
     return parts

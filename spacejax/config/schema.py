@@ -1,25 +1,22 @@
-"""Frozen dataclasses that are the schema of a run.
+"""Frozen dataclasses that are the schema of a run, checked as they are built, and their YAML files.
 
-This module is the ground floor: it imports nothing from spacejax.
+With `plain.py` this package is the ground floor: it imports nothing else from spacejax.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import pathlib
 import typing
 from typing import Optional
 
 import yaml
 
+from spacejax.config.plain import ConfigError, from_dict, to_dict
+
 ARCHITECTURES = ("llama", "mistral", "qwen2")
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16")
-
-
-class ConfigError(ValueError):
-    """A configuration value is unknown, of the wrong type or impossible; the message names the key."""
 
 
 def check_choice(key: str, value, choices) -> None:
@@ -163,12 +160,16 @@ class SamplerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """`kind` names a loss of `losses.LOSSES`; `beta` null takes that loss's own default."""
+    """`kind` names a loss of `losses.LOSSES`; every other field is a setting (`Loss.defaults`) of
+    the losses that take it, with the loss's default, and is ignored by the others. `beta` null
+    takes that loss's own default."""
 
     kind: str = "space"
-    mu: float = 1.0
-    beta: Optional[float] = None
+    mu: float = 1.0  # space only: the noise ratio
+    beta: Optional[float] = None  # every loss but sft
     label_smoothing: float = 0.0  # dpo only
+    spin_kind: str = "sigmoid"  # spin only: sigmoid | hinge (spin's `kind`; `loss.kind` names the loss)
+    per_token: bool = False  # sft only: the token-mean NLL instead of the summed one
 
     def __post_init__(self):
         if self.mu <= 0:
@@ -177,6 +178,7 @@ class LossConfig:
             raise ConfigError(f"loss.beta must be > 0, got {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"loss.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        check_choice("loss.spin_kind", self.spin_kind, ("sigmoid", "hinge"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,6 +213,26 @@ class TrainConfig:
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # a batch (and every activation's leading axis) is split over these
 TENSOR_AXIS = "tensor"  # attention heads, the MLP and the vocabulary are split over this
+
+
+def check_split(key: str, rows: int, divisor: int, when: str = "") -> None:
+    """The one batch rule: a global batch of `rows` is split over the `divisor` devices of data x
+    fsdp, so it must be a multiple of them; a ConfigError names `key` (and `when`) otherwise."""
+    if rows % divisor:
+        raise ConfigError(f"{key} = {rows}{when} is not divisible by mesh data x fsdp = {divisor}: make it "
+                          f"a multiple of {divisor} or change mesh.data / mesh.fsdp")
+
+
+def check_batch_sizes(cfg: RunConfig, divisor: int) -> None:
+    """Every global batch is split over BATCH_AXES, so in every phase (`at_iteration`) the train
+    micro-batch, the sampler batch and the held-out rows must each be a multiple of the `divisor`
+    devices of data x fsdp; a ConfigError names the first key (and iteration) that is not."""
+    for iteration in range(-1, cfg.selfplay.iterations):
+        phase, when = at_iteration(cfg, iteration), f" (iteration {iteration})" if iteration >= 0 else ""
+        micro_batch = phase.train.batch_size // phase.train.grad_accum_steps
+        for key, rows in (("train.batch_size / train.grad_accum_steps", micro_batch),
+                          ("sampler.batch_size", phase.sampler.batch_size), ("data.num_eval", phase.data.num_eval)):
+            check_split(key, rows, divisor, when)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,11 +326,8 @@ class RunConfig:
                 with_overrides(self, [parse_scheduled(change)[1]])
             except ConfigError as error:
                 raise ConfigError(f"selfplay.from_iteration entry {change!r}: {error}") from None
-        fixed = [s for s in (self.mesh.data, self.mesh.fsdp) if s != -1]
-        if len(fixed) == 2 and (self.train.batch_size // self.train.grad_accum_steps) % (fixed[0] * fixed[1]):
-            raise ConfigError(
-                f"train.batch_size / train.grad_accum_steps = {self.train.batch_size // self.train.grad_accum_steps} "
-                f"must be divisible by mesh.data * mesh.fsdp = {fixed[0] * fixed[1]}")
+        if -1 not in (self.mesh.data, self.mesh.fsdp):  # else the device count decides, at run time
+            check_batch_sizes(self, self.mesh.data * self.mesh.fsdp)
 
 
 def load(path, overrides: typing.Sequence[str] = ()) -> RunConfig:
@@ -383,72 +402,5 @@ def _set_dotted(data: dict, key: str, value) -> None:
     data[last] = value
 
 
-def differences(old, new, prefix: str = "") -> list[str]:
-    """The dotted keys whose values differ between two configs of one dataclass type, compared by
-    value (so 1e-3 and 0.001 are the same, and a field an older spacejax did not write, read back
-    at its default, differs only if the new config sets it otherwise)."""
-    keys = []
-    for field in dataclasses.fields(old):
-        a, b = getattr(old, field.name), getattr(new, field.name)
-        if dataclasses.is_dataclass(a) and dataclasses.is_dataclass(b):
-            keys += differences(a, b, f"{prefix}{field.name}.")
-        elif a != b:
-            keys.append(prefix + field.name)
-    return keys
-
-
 def dump(config: RunConfig) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
-
-
-def to_dict(config) -> dict:
-    """A config dataclass as plain JSON/YAML-ready data (tuples become lists)."""
-    def plain(value):
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        return value
-    return plain(dataclasses.asdict(config))
-
-
-def from_dict(cls, data: dict, prefix: str = ""):
-    """Build dataclass `cls` from plain data, checking keys and types; errors name the dotted key."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown key {prefix}{unknown[0]}; known keys of {prefix or 'the config'}: "
-                          f"{sorted(fields)}")
-    hints = typing.get_type_hints(cls)
-    values = {name: _coerce(hints[name], value, prefix + name) for name, value in data.items()}
-    return cls(**values)
-
-
-def _coerce(hint, value, key: str):
-    """Check `value` against the annotation `hint`; nested dataclasses are built recursively."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is typing.Union:
-        if value is None and type(None) in args:
-            return None
-        (hint,) = [a for a in args if a is not type(None)]
-        return _coerce(hint, value, key)
-    if dataclasses.is_dataclass(hint):
-        return from_dict(hint, value, key + ".")
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
-        return tuple(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-2 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise ConfigError(f"{key} must be of type {hint.__name__}, got {value!r}")
-    if hint is float and not math.isfinite(value):
-        raise ConfigError(f"{key} must be a finite number, got {value!r}")
-    return value
