@@ -2,6 +2,7 @@
 NumPy distributions; batching, seeding, end ids, sharding and the `generate` command."""
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -319,6 +320,15 @@ def test_end_ids_stop_each_row_on_its_own(tiny):
         assert (out.tokens[row, length:] == -1).all()
     assert out.lengths[0] <= 4 and out.lengths[1] <= 10 and out.finished[:2].all()
     assert out.lengths.min() < out.lengths.max(), "rows stop at different steps"
+
+
+def test_prompt_buckets_stop_at_the_model_context_and_a_longer_prompt_is_refused(tiny):
+    cfg, params = tiny
+    assert sampler.prompt_buckets(dataclasses.replace(cfg, max_position_embeddings=64)) == (16, 32)
+    assert sampler.prompt_buckets(dataclasses.replace(cfg, max_position_embeddings=100)) == (16, 32, 64)
+    short = dataclasses.replace(cfg, max_position_embeddings=40)
+    with pytest.raises(ValueError, match=r"prompt 1 has 41 tokens, more than the model's max_position_embeddings \(40\)"):
+        sampler.generate(short, params, [[3, 4], list(range(3, 44))], 0, max_new_tokens=2, progress=False)
 
 
 def test_decode_loop_exits_when_every_row_has_ended(tiny):

@@ -43,8 +43,11 @@ class Completions:
 def prompt_buckets(cfg: ModelConfig) -> tuple[int, ...]:
     """The default prompt length buckets: the powers of two from MIN_BUCKET below the model's
     max_position_embeddings (which `data.bucket_length` adds as the last)."""
-    return tuple(MIN_BUCKET << i for i in range(max(cfg.max_position_embeddings.bit_length(), 1))
-                 if MIN_BUCKET << i < cfg.max_position_embeddings)
+    buckets, size = [], MIN_BUCKET
+    while size < cfg.max_position_embeddings:
+        buckets.append(size)
+        size *= 2
+    return tuple(buckets)
 
 
 def _as_key(rng_or_seed) -> jax.Array:
