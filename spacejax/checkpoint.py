@@ -5,18 +5,12 @@ A params checkpoint (the format of every phase's `final/` and of `spacejax conve
     CKPT_DIR/params/              Orbax PyTree checkpoint of the params
     CKPT_DIR/model_config.json    the ModelConfig, written last: its presence marks a complete save
 
-The run directory (DESIGN.md):
+The run directory (DESIGN.md) is laid out in `selfplay.store`; this module names its phase
+folders and DONE markers and saves the step checkpoints inside them.
 
-    workdir/config.yaml  metrics.jsonl
-    workdir/sft/                      the optional SFT warm-up producing theta_0 (iteration -1)
-    workdir/iter_000/samples.parquet  synthetic responses + opponent log-probs + generation settings
-    workdir/iter_000/train/<step>/    Orbax train state (params, optimizer state, step)
-    workdir/iter_000/final/           params of theta_1 (the next opponent)
-    workdir/iter_000/eval.json  DONE  DONE is written last: the iteration is complete
-    workdir/hf/iter_000/              optional Hugging Face export
-
-Orbax commits every save atomically (it writes a temporary directory and renames it), so a
-crash leaves either no checkpoint or a complete one.
+`workdir` is a local path or a gs:// URL (`storage.location`). Orbax commits every save
+atomically (locally it renames a temporary directory; on gs:// it writes `commit_success.txt`
+last), so a crash leaves either no checkpoint or a complete one.
 """
 
 from __future__ import annotations
@@ -24,15 +18,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import shutil
-from pathlib import Path
 from typing import Optional
 
 import jax
 import orbax.checkpoint as ocp
 
-from spacejax import model
+from spacejax import model, storage
 from spacejax.config import ModelConfig, from_dict, to_dict
 
 log = logging.getLogger(__name__)
@@ -40,15 +31,16 @@ log = logging.getLogger(__name__)
 PARAMS = "params"
 DONE = "DONE"
 MODEL_CONFIG = "model_config.json"
+ORBAX_COMMIT_MARKER = "commit_success.txt"  # Orbax writes it last into a step saved on gs://
 
 
 def is_params_checkpoint(directory) -> bool:
-    return (Path(directory) / MODEL_CONFIG).exists()
+    return (storage.location(directory) / MODEL_CONFIG).exists()
 
 
 def save_params(directory, cfg: ModelConfig, params: dict) -> None:
     """Write a params checkpoint; refuses to overwrite an existing one."""
-    directory = Path(directory).absolute()
+    directory = storage.location(directory)
     if (directory / PARAMS).exists() or (directory / MODEL_CONFIG).exists():
         raise FileExistsError(f"{directory} already holds a checkpoint; choose another directory or delete it")
     directory.mkdir(parents=True, exist_ok=True)
@@ -56,13 +48,11 @@ def save_params(directory, cfg: ModelConfig, params: dict) -> None:
         checkpointer.save(directory / PARAMS, params)
         checkpointer.wait_until_finished()
     if jax.process_index() == 0:
-        staging = directory / (MODEL_CONFIG + ".tmp")
-        staging.write_text(json.dumps(to_dict(cfg), indent=2))
-        os.replace(staging, directory / MODEL_CONFIG)
+        storage.write_atomic(directory / MODEL_CONFIG, json.dumps(to_dict(cfg), indent=2))
 
 
 def load_config(directory) -> ModelConfig:
-    path = Path(directory) / MODEL_CONFIG
+    path = storage.location(directory) / MODEL_CONFIG
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: {directory} is not a complete spacejax params checkpoint")
     return from_dict(ModelConfig, json.loads(path.read_text()), prefix="model.")
@@ -72,7 +62,7 @@ def load_params(directory, shardings: Optional[dict] = None, **overrides) -> tup
     """Restore (ModelConfig, params). `shardings`: a pytree of `jax.sharding.Sharding` like the
     params (default: every leaf on the first local device); `overrides` set ModelConfig fields
     that do not change shapes (dtypes, remat): params are cast to the resulting `param_dtype`."""
-    directory = Path(directory).absolute()
+    directory = storage.location(directory)
     cfg = load_config(directory)
     cfg = dataclasses.replace(cfg, **overrides)
     abstract = model.param_shapes(cfg)
@@ -89,19 +79,19 @@ def load_params(directory, shardings: Optional[dict] = None, **overrides) -> tup
 # ----------------------------------------------------------------------------------- run directory
 
 
-def iteration_dir(workdir, iteration: int) -> Path:
+def iteration_dir(workdir, iteration: int):
     """workdir/iter_XXX/, or workdir/sft/ for the SFT warm-up (iteration -1)."""
-    return Path(workdir) / ("sft" if iteration < 0 else f"iter_{iteration:03d}")
+    return storage.location(workdir) / ("sft" if iteration < 0 else f"iter_{iteration:03d}")
 
 
 def is_done(phase_dir) -> bool:
-    return (Path(phase_dir) / DONE).exists()
+    return (storage.location(phase_dir) / DONE).exists()
 
 
 def mark_done(phase_dir) -> None:
     """Written last: the phase's final params, evaluation and samples are complete."""
     if jax.process_index() == 0:
-        (Path(phase_dir) / DONE).write_text("")
+        storage.write_atomic(storage.location(phase_dir) / DONE, "")
 
 
 
@@ -114,13 +104,15 @@ class TrainCheckpoints:
     skipped with a warning in favour of the previous one.
     """
 
-    def __init__(self, phase_dir, keep: int):
-        self.directory = Path(phase_dir).absolute()
+    def __init__(self, phase_dir, keep: int, before_save=lambda: None):
+        self.directory = storage.location(phase_dir)
+        self.before_save = before_save
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=True)
-        self.manager = ocp.CheckpointManager(Path(phase_dir).absolute() / "train", options=options)
+        self.manager = ocp.CheckpointManager(self.directory / "train", options=options)
 
     def save(self, step: int, state) -> None:
+        self.before_save()
         self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
 
     def restore_latest(self, like):
@@ -140,10 +132,10 @@ class TrainCheckpoints:
         """Move an unreadable step to `phase_dir/unreadable/<step>` (kept for inspection), so the
         step can be saved again."""
         if jax.process_index() == 0:
-            aside = Path(self.manager.directory).parent / "unreadable" / str(step)
-            shutil.rmtree(aside, ignore_errors=True)
-            aside.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(Path(self.manager.directory) / str(step), aside)
+            aside = self.directory / "unreadable" / str(step)
+            if aside.exists():
+                aside.rmtree()
+            storage.move_tree(self.directory / "train" / str(step), aside, first=ORBAX_COMMIT_MARKER)
         self.manager.reload()
 
     def close(self) -> None:

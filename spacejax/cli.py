@@ -6,16 +6,15 @@ import argparse
 import logging
 import shlex
 import sys
-from pathlib import Path
 
-import transformers
 from absl import logging as absl_logging
 
-from spacejax import bench, checkpoint, config, hf, plan, sampler, selfplay, sharding
+from spacejax import bench, checkpoint, config, hf, metrics, plan, sampler, selfplay, sharding, storage
 
 
 def convert(args: argparse.Namespace) -> None:
-    """Hugging Face directory <-> spacejax params checkpoint."""
+    """Hugging Face directory <-> spacejax params checkpoint (either side local or gs://)."""
+    storage.check_usable(args.out)
     if args.from_hf:
         overrides = {"param_dtype": args.param_dtype} if args.param_dtype else {}
         cfg, params = hf.load(args.from_hf, **overrides)
@@ -29,6 +28,7 @@ def convert(args: argparse.Namespace) -> None:
 def train(args: argparse.Namespace) -> None:
     """Run, or resume, the self-play loop of a config in a workdir."""
     cfg = config.load(args.config, args.overrides)
+    storage.check_usable(args.workdir)
     sharding.initialize(args.coordinator, args.num_processes, args.process_id)
     try:
         evaluation = selfplay.run(cfg, args.workdir)
@@ -36,7 +36,7 @@ def train(args: argparse.Namespace) -> None:
         print(f"spacejax train: {stop}")
         return
     summary = ", ".join(f"{k}={v:.4g}" for k, v in evaluation.items() if k in SUMMARY_KEYS)
-    print(f"done: {args.workdir} ({summary}); curves in {args.workdir}/metrics.jsonl")
+    print(f"done: {args.workdir} ({summary}); curves in {metrics.log_path(args.workdir)}")
 
 
 SUMMARY_KEYS = ("eval/kl", "eval/nll_per_token", "eval/loss_start", "eval/loss_end")
@@ -47,12 +47,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 def generate(args: argparse.Namespace) -> None:
     """Sample completions for the prompts of a JSONL file; see `sampler.read_prompts` for rows."""
-    model_dir = Path(args.model)
+    storage.check_usable(args.out)
+    model_dir = storage.location(args.model)
     is_checkpoint = checkpoint.is_params_checkpoint(model_dir)
     if is_checkpoint:
         cfg = checkpoint.load_config(model_dir)
     elif (model_dir / "config.json").exists():
-        cfg = hf.config_from_hf(transformers.AutoConfig.from_pretrained(model_dir))
+        cfg = hf.config_from_hf(hf.read_hf_config(model_dir))
     else:
         raise FileNotFoundError(f"{model_dir} is neither a Hugging Face model directory (config.json) "
                                 "nor a spacejax params checkpoint (model_config.json)")
@@ -210,7 +211,7 @@ def main(argv=None) -> int:
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax reports every save at INFO
     try:
         code = args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError, selfplay.NonFiniteLoss) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, storage.StorageError, selfplay.NonFiniteLoss) as error:
         print(f"spacejax {args.command}: error: {error}", file=sys.stderr)
         return 2
     return code or 0

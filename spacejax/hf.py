@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -23,7 +22,7 @@ import transformers
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from spacejax import model
+from spacejax import model, sharding, storage
 from spacejax.config import ModelConfig, RopeScaling
 
 log = logging.getLogger(__name__)
@@ -36,6 +35,8 @@ HF_MODEL_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+CONFIG_FILE = "config.json"  # written last into an export: its presence marks a complete one
+WEIGHT_FORMATS_NOT_READ = (".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf", ".onnx")
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
@@ -217,15 +218,32 @@ def _read_tensors(files: dict[str, Path], names: list[str]) -> Iterator[tuple[st
 
 
 def load(path, **overrides) -> tuple[ModelConfig, dict]:
-    """Load a local Hugging Face checkpoint directory -> (ModelConfig, params of numpy arrays).
+    """Load a Hugging Face checkpoint directory (local, or gs:// through a temporary download of
+    its safetensors and json files) -> (ModelConfig, params of numpy arrays).
 
     `overrides` set ModelConfig fields, e.g. `param_dtype="bfloat16"`, `remat="full"`; params are
     cast to `param_dtype` (float32 unless overridden).
     """
-    path = Path(path)
-    if not (path / "config.json").exists():
-        raise CheckpointError(f"{path / 'config.json'} not found: pass a Hugging Face model directory")
-    cfg = config_from_hf(transformers.AutoConfig.from_pretrained(path), **overrides)
+    location = storage.location(path)
+    if not (location / CONFIG_FILE).exists():
+        raise CheckpointError(f"{location / CONFIG_FILE} not found: pass a Hugging Face model directory")
+    with storage.local_copy(location, skip_suffixes=WEIGHT_FORMATS_NOT_READ) as local:
+        return _load_local(Path(local), **overrides)
+
+
+def read_hf_config(path) -> transformers.PretrainedConfig:
+    """The transformers config of a Hugging Face directory's config.json (local or gs://)."""
+    file = storage.location(path) / CONFIG_FILE
+    values = json.loads(file.read_text())
+    kind = values.get("model_type")
+    if kind not in transformers.CONFIG_MAPPING:
+        raise CheckpointError(f"{file}: model_type {kind!r} is not a transformers model type; spacejax reads "
+                              f"{', '.join(SUPPORTED)}")
+    return transformers.CONFIG_MAPPING[kind].from_dict(values)
+
+
+def _load_local(path: Path, **overrides) -> tuple[ModelConfig, dict]:
+    cfg = config_from_hf(read_hf_config(path), **overrides)
     files = _checkpoint_files(path)
     shapes = model.param_shapes(cfg)
     tensors = tensor_map(cfg)
@@ -261,37 +279,49 @@ def load(path, **overrides) -> tuple[ModelConfig, dict]:
 
 
 def _hf_tensors(cfg: ModelConfig, params: dict) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, numpy tensor) in the Hugging Face layout; collective: every process iterates it,
+    and a leaf sharded across processes is gathered one layer at a time."""
     for tensor in tensor_map(cfg):
-        leaf = np.asarray(jax.device_get(_get(params, tensor.path)))
+        leaf = _get(params, tensor.path)
         if _is_layered(tensor):
             for i in range(cfg.num_layers):
-                yield tensor.hf_name.format(i=i), _to_hf(tensor, leaf[i])
+                yield tensor.hf_name.format(i=i), _to_hf(tensor, sharding.to_host(leaf[i]))
         else:
-            yield tensor.hf_name, _to_hf(tensor, leaf)
+            yield tensor.hf_name, _to_hf(tensor, sharding.to_host(leaf))
 
 
 def save(cfg: ModelConfig, params: dict, out_dir, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
          tokenizer=None) -> None:
     """Write config.json and safetensors (sharded with an index above `max_shard_bytes`) that
     `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads; optionally the tokenizer.
+    `out_dir`: a local directory or a gs:// URL.
 
-    Files are written to a temporary directory first and moved in when complete.
+    Every process calls it (params sharded across processes are gathered); process 0 writes.
+    Files are assembled in a staging directory and moved in one by one, config.json last after
+    the previous export's config.json and weight indexes are removed: a directory with
+    config.json holds a complete export.
     """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir.parent))
+    out_dir = storage.location(out_dir)
+    writer = jax.process_index() == 0
+    staging = Path(storage.staging_dir(out_dir)) if writer else None
     try:
+        tensors = _hf_tensors(cfg, params)
+        if not writer:
+            for _ in tensors:  # take part in every gather
+                pass
+            return
         config_to_hf(cfg).save_pretrained(staging)
-        _write_shards(staging, _hf_tensors(cfg, params), max_shard_bytes)
+        _write_shards(staging, tensors, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        out_dir.mkdir(exist_ok=True)
-        for stale in (SINGLE_FILE, INDEX_FILE):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in (CONFIG_FILE, SINGLE_FILE, INDEX_FILE):
             (out_dir / stale).unlink(missing_ok=True)
-        for file in staging.iterdir():
-            os.replace(file, out_dir / file.name)
+        for file in sorted(staging.iterdir(), key=lambda f: f.name == CONFIG_FILE):
+            storage.put_file(file, out_dir / file.name)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _write_shards(out_dir: Path, tensors: Iterator[tuple[str, np.ndarray]], max_shard_bytes: int) -> None:
@@ -318,9 +348,11 @@ def _write_shards(out_dir: Path, tensors: Iterator[tuple[str, np.ndarray]], max_
 
 
 def load_tokenizer(path) -> transformers.PreTrainedTokenizerBase:
-    """A tokenizer from a local directory (no downloads)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"tokenizer directory {path} not found")
-    return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    """A tokenizer from a local directory or a gs:// one (downloaded less its weights; nothing
+    from the Hugging Face Hub)."""
+    location = storage.location(path)
+    if not location.is_dir():
+        raise FileNotFoundError(f"tokenizer directory {location} not found")
+    with storage.local_copy(location, skip_suffixes=WEIGHT_FORMATS_NOT_READ + (".safetensors",)) as local:
+        return transformers.AutoTokenizer.from_pretrained(os.fspath(local), local_files_only=True)
 

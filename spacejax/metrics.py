@@ -1,5 +1,11 @@
-"""Run metrics: `metrics.jsonl` (one JSON object per logged step or event), optional
-TensorBoard, and progress bars.
+"""Run metrics: `metrics.jsonl` (one JSON object per logged step or event), handed on to the
+run's trackers, and progress bars.
+
+On a gs:// workdir, where an object cannot be appended to, the log is `metrics/` instead:
+segment objects `metrics/00000000.jsonl`, `00000001.jsonl`, ... each holding the records
+buffered since the previous one, written at most every FLUSH_SECONDS (and whenever the run
+saves a checkpoint or ends a phase). One object write is atomic, so a reader sees whole
+segments only; `read` concatenates them in name order.
 
 Every record carries `iteration` and `step` (the optimizer step within that iteration's phase;
 the SFT warm-up is iteration -1). Step records hold the loss's metrics (`loss`, `rewards/...`,
@@ -11,15 +17,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from pathlib import Path
+import time
 from typing import Iterable, Optional
 
 import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from spacejax import storage
+
 METRICS_FILE = "metrics.jsonl"
+SEGMENTS_DIR = "metrics"  # on gs://
+FLUSH_SECONDS = 5.0
 
 
 def to_python(values: dict) -> dict:
@@ -37,37 +46,63 @@ def to_python(values: dict) -> dict:
 
 
 class MetricsWriter:
-    """Appends records to `workdir/metrics.jsonl` (and TensorBoard under `workdir/events/`)."""
+    """Appends records to the workdir's log (`metrics.jsonl`, or `metrics/` segments on gs://)
+    and hands each to `trackers` (a `tracking.Trackers`: TensorBoard, wandb), if given."""
 
-    def __init__(self, workdir, tensorboard: bool = False):
-        self.path = Path(workdir) / METRICS_FILE
+    def __init__(self, workdir, trackers=None):
+        self.workdir = storage.location(workdir)
+        self.remote = storage.is_remote(self.workdir)
         self.enabled = jax.process_index() == 0
-        self.tensorboard = None
-        if self.enabled and tensorboard:
-            from tensorboardX import SummaryWriter  # the optional `tensorboard` extra
-
-            self.tensorboard = SummaryWriter(str(Path(workdir) / "events"))
+        self.buffer: list[str] = []
+        self.flushed_at = time.monotonic()
+        self.trackers = trackers
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tensorboard is not None:
-            global_step = 10**6 * (record["iteration"] + 1) + record["step"]
-            for key, value in record.items():
-                if isinstance(value, float):
-                    self.tensorboard.add_scalar(key, value, global_step)
+        line = json.dumps(record) + "\n"
+        if self.remote:
+            self.buffer.append(line)
+            if time.monotonic() - self.flushed_at >= FLUSH_SECONDS:
+                self.flush()
+        else:
+            with (self.workdir / METRICS_FILE).open("a") as f:
+                f.write(line)
+        if self.trackers is not None:
+            self.trackers.write(record)
+
+    def flush(self) -> None:
+        """Write the buffered records as the next segment (gs://; local records are already written)."""
+        if self.enabled and self.buffer:
+            segments = _segments(self.workdir)
+            number = int(segments[-1].stem) + 1 if segments else 0
+            storage.write_atomic(self.workdir / SEGMENTS_DIR / f"{number:08d}.jsonl", "".join(self.buffer))
+            self.buffer = []
+        if self.trackers is not None:
+            self.trackers.flush()
+        self.flushed_at = time.monotonic()
+
+    def close(self) -> None:
+        self.flush()
+        if self.trackers is not None:
+            self.trackers.close()
 
     def drop_after(self, iteration: int, step: int) -> None:
-        """Forget records past (iteration, step): a resumed run logs them again."""
-        if not self.enabled or not self.path.exists():
+        """Forget records past (iteration, step): a resumed run logs them again. Each file is
+        rewritten whole, so a crash here leaves the log as before or done (and redoing it is the same)."""
+        if not self.enabled:
             return
+        self.flush()
+        if self.trackers is not None:
+            self.trackers.drop_after(iteration, step)
         resume_point = (iteration, step, False)
-        kept = [line for line in _complete_lines(self.path) if _order(json.loads(line)) <= resume_point]
-        staging = self.path.with_suffix(".tmp")
-        staging.write_text("".join(line + "\n" for line in kept))
-        os.replace(staging, self.path)
+        for path in reversed(_log_files(self.workdir)):
+            lines = _complete_lines(path)
+            kept = [line for line in lines if _order(json.loads(line)) <= resume_point]
+            if not kept and self.remote:
+                path.unlink()
+            elif len(kept) < len(lines) or not path.read_text().endswith("\n"):
+                storage.write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def _order(record: dict) -> tuple[int, int, bool]:
@@ -75,16 +110,39 @@ def _order(record: dict) -> tuple[int, int, bool]:
     return record["iteration"], record["step"], "event" in record
 
 
-def _complete_lines(path: Path) -> list[str]:
+def _segments(workdir) -> list:
+    folder = workdir / SEGMENTS_DIR
+    return sorted(folder.iterdir(), key=lambda p: p.name) if folder.exists() else []
+
+
+def _log_files(workdir) -> list:
+    """The files of a workdir's log, in order: `metrics.jsonl` locally, the segments on gs://."""
+    workdir = storage.location(workdir)
+    if storage.is_remote(workdir):
+        return [p for p in _segments(workdir) if p.name.endswith(".jsonl")]
+    path = workdir / METRICS_FILE
+    return [path] if path.exists() else []
+
+
+def _complete_lines(path) -> list[str]:
     """The newline-terminated lines of `path`: a last line without its newline is a record still
     being written, or one a kill cut short, and is left out."""
     return path.read_text().split("\n")[:-1]
 
 
+def log_path(workdir) -> str:
+    """Where the workdir's log is: its metrics.jsonl, or its metrics/ segments on gs://."""
+    workdir = storage.location(workdir)
+    return f"{workdir}/{SEGMENTS_DIR}/" if storage.is_remote(workdir) else f"{workdir}/{METRICS_FILE}"
+
+
+def has_log(workdir) -> bool:
+    return bool(_log_files(workdir))
+
+
 def read(workdir) -> list[dict]:
-    """Every complete record of `workdir/metrics.jsonl`, in file order ([] before the first)."""
-    path = Path(workdir) / METRICS_FILE
-    return [json.loads(line) for line in _complete_lines(path)] if path.exists() else []
+    """Every complete record of the workdir's log, in order ([] before the first)."""
+    return [json.loads(line) for path in _log_files(workdir) for line in _complete_lines(path)]
 
 
 def progress(iterable: Optional[Iterable] = None, total: Optional[int] = None, desc: str = "",

@@ -10,14 +10,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from spacejax import data
+from spacejax import data, storage
 from spacejax.config import DataConfig
 
 SETTINGS_KEY = b"spacejax.generation"
@@ -127,9 +126,17 @@ class Pairs:
 
     # ------------------------------------------------------------------------------- files
 
-    def save(self, path, settings: Optional[dict] = None) -> None:
-        """Write atomically to a parquet file, `settings` (generation settings) in its metadata."""
-        path = Path(path)
+    def texts(self, tokenizer=None, limit: Optional[int] = None) -> list[dict]:
+        """The first `limit` pairs (all by default) as text: {"prompt", "real", "generated"} with
+        `generated` the first synthetic response (token ids written out without a tokenizer)."""
+        return [{"prompt": _text(tokenizer, self.prompt_ids[i]), "real": _text(tokenizer, self.real_ids[i]),
+                 "generated": _text(tokenizer, self.generated_ids[i][0])}
+                for i in range(min(len(self), limit or len(self)))]
+
+    def save(self, path, settings: Optional[dict] = None, tokenizer=None) -> None:
+        """Write atomically to a parquet file (local or gs://), `settings` (generation settings) in
+        its metadata; with a tokenizer, also the decoded text (`prompt`, `real`, `generated`: one
+        string per synthetic response), which `load` does not read back."""
         ragged = pa.list_(pa.int32())
         table = pa.table({
             "prompt_ids": pa.array([p.tolist() for p in self.prompt_ids], ragged),
@@ -139,15 +146,20 @@ class Pairs:
             "opponent_generated_logps": pa.array(list(self.opponent_generated_logps), pa.list_(pa.float32())),
             "split": pa.array(self.split.astype(str)),
             "origin": pa.array(self.origin.astype(str)),
-        }).replace_schema_metadata({SETTINGS_KEY: json.dumps(settings or {})})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_suffix(".tmp")
-        pq.write_table(table, staging)
-        os.replace(staging, path)
+        })
+        if tokenizer is not None:
+            table = table.append_column("prompt", pa.array([_text(tokenizer, p) for p in self.prompt_ids]))
+            table = table.append_column("real", pa.array([_text(tokenizer, r) for r in self.real_ids]))
+            table = table.append_column("generated", pa.array(
+                [[_text(tokenizer, g) for g in gs] for gs in self.generated_ids], pa.list_(pa.string())))
+        table = table.replace_schema_metadata({SETTINGS_KEY: json.dumps(settings or {})})
+        with storage.staged_writer(storage.location(path)) as staging:
+            pq.write_table(table, os.fspath(staging))
 
     @classmethod
     def load(cls, path) -> "Pairs":
-        columns = pq.read_table(path).to_pydict()
+        with storage.location(path).open("rb") as file:
+            columns = pq.read_table(file).to_pydict()
         as_ids = lambda values: [np.asarray(v, np.int32) for v in values]  # noqa: E731
         n = len(columns["prompt_ids"])
         return cls(as_ids(columns["prompt_ids"]), as_ids(columns["real_ids"]),
@@ -155,3 +167,10 @@ class Pairs:
                    np.asarray(columns["opponent_real_logp"], np.float32),
                    np.asarray(columns["opponent_generated_logps"], np.float32).reshape(n, -1),
                    np.asarray(columns["split"]), np.asarray(columns["origin"]))
+
+
+def _text(tokenizer, ids: np.ndarray) -> str:
+    """Token ids as text: decoded without special tokens, or the ids themselves without a tokenizer."""
+    if tokenizer is None:
+        return " ".join(map(str, ids.tolist()))
+    return tokenizer.decode(ids.tolist(), skip_special_tokens=True)

@@ -8,7 +8,6 @@ models run on any mesh.
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional, Sequence
 
 import jax
@@ -45,17 +44,37 @@ def make_mesh(cfg: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -
     return Mesh(np.asarray(devices[:math.prod(shape)]).reshape(shape), AXES)
 
 
+def _cluster_detected():
+    """The cluster environment `jax.distributed.initialize()` would find by itself, or None.
+
+    jax's own detectors (its `ClusterEnv` subclasses: Open MPI, SLURM, a Cloud TPU VM slice, GKE,
+    Kubernetes), asked in jax's order and skipping the opt-in ones (mpi4py), as jax does. The TPU
+    detectors answer False at once unless jax found TPU chips when it was imported, so a CPU or GPU
+    machine never queries a metadata server. `jax._src.clusters` is private: tests pin this behaviour."""
+    from jax._src import clusters
+
+    return next((env for env in clusters.ClusterEnv._cluster_types
+                 if not env.opt_in_only_method and env.is_env_present()), None)
+
+
 def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
-               process_id: Optional[int] = None) -> None:
+               process_id: Optional[int] = None) -> str:
     """Start `jax.distributed` for a multi-process run: explicitly with a coordinator address
-    (CPU and GPU clusters, tests on loopback), automatically on a multi-host TPU VM slice or a
-    multi-task SLURM job, and not at all on a single host."""
+    (CPU and GPU clusters, tests on loopback), else whenever jax detects a cluster of more than one
+    process (`_cluster_detected`: a multi-host TPU VM slice, a multi-task SLURM job, ...); a single
+    process stays as it is. Returns how this process runs (for logs and preflight)."""
     if coordinator is not None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                    process_id=process_id)
-    elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", "") or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        jax.distributed.initialize()  # a multi-host TPU slice or a SLURM job: detected by jax
+        return f"jax.distributed via coordinator {coordinator}"
+    cluster = _cluster_detected()
+    if cluster is None:
+        return "single process (no cluster detected)"
+    if cluster.get_process_count() == 1:
+        return f"single process ({cluster.__name__} of one process)"
+    jax.distributed.initialize()  # jax detects the same cluster and asks it for the rest
+    return f"jax.distributed ({cluster.__name__} detected)"
 
 
 def batch_size_divisor(mesh) -> int:
@@ -94,8 +113,9 @@ def barrier(name: str) -> None:
 
 
 def to_host(x: jax.Array) -> np.ndarray:
-    """The whole of a (possibly multi-process, batch-sharded) array as numpy on every process."""
-    if x.is_fully_addressable:
+    """The whole of a (possibly multi-process, sharded) array as numpy on every process; numpy
+    arrays pass through. Collective when `x` spans processes."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
         return np.asarray(x)
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 

@@ -12,7 +12,7 @@ Sources, all read offline:
                              ``generated``) or as ``Sequence({"role": Text, "content": Text})``;
                              both come back as lists of {role, content} dicts.
 
-Rows are returned as read; spacejax.data validates and tokenizes them (the row shapes are in its
+Files and directories may be local or on gs:// (`spacejax.storage`). Rows are returned as read; spacejax.data validates and tokenizes them (the row shapes are in its
 docstring).
 """
 
@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from spacejax import storage
 
 TFDS_PREFIX = "tfds:"
 _JSON_FIELDS = ("messages", "real", "generated")
@@ -43,26 +45,28 @@ def read_rows(source: str | os.PathLike, *, split: str | None = None,
     """
     if isinstance(source, str) and source.startswith(TFDS_PREFIX):
         return _read_tfds(source[len(TFDS_PREFIX):], split=split or "train", data_dir=data_dir)
-    path = Path(source)
+    path = storage.location(source)
     if not path.exists():
         raise FileNotFoundError(
             f"{path}: no such file or directory. Pass a .jsonl or .parquet file, a directory "
             f"written by datasets' save_to_disk, or '{TFDS_PREFIX}NAME' for a prepared TFDS dataset.")
     if path.is_dir():
-        return _read_saved_dataset(path, split)
+        with storage.local_copy(path) as local:
+            return _read_saved_dataset(Path(local), split)
     if path.suffix == ".jsonl":
         return _read_jsonl(path)
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
+        with path.open("rb") as file:
+            return pq.read_table(file).to_pylist()
     raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .parquet, a "
                     f"save_to_disk directory or '{TFDS_PREFIX}NAME'.")
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def _read_jsonl(path) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with path.open(encoding="utf-8") as f:
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
                 continue

@@ -2,7 +2,7 @@
 
 import jax.numpy as jnp
 
-from spacejax import metrics
+from spacejax import config, metrics, tracking
 
 
 def test_device_values_become_json_numbers_and_non_finite_become_strings():
@@ -28,7 +28,7 @@ def test_a_record_cut_short_is_not_read_and_is_dropped_on_resume(tmp_path):
     writer = metrics.MetricsWriter(tmp_path)
     for step in (1, 2):
         writer.write({"iteration": 0, "step": step, "loss": 0.5})
-    with writer.path.open("a") as f:
+    with (tmp_path / metrics.METRICS_FILE).open("a") as f:
         f.write('{"iteration": 0, "step": 3, "lo')
     assert [r["step"] for r in metrics.read(tmp_path)] == [1, 2]
     writer.drop_after(0, 2)
@@ -36,8 +36,16 @@ def test_a_record_cut_short_is_not_read_and_is_dropped_on_resume(tmp_path):
     assert metrics.read(tmp_path) == [{"iteration": 0, "step": s, "loss": v} for s, v in ((1, 0.5), (2, 0.5), (3, 0.25))]
 
 
-def test_tensorboard_events_are_written(tmp_path):
-    writer = metrics.MetricsWriter(tmp_path, tensorboard=True)
+def test_records_and_rewinds_reach_the_trackers_on_the_global_step(tmp_path):
+    """MetricsWriter hands every record to the run's trackers (here a real TensorBoard writer):
+    the SFT warm-up's steps come first on the global axis, the iteration's follow."""
+    trackers = tracking.open_trackers(config.TrackingConfig(kinds=("jsonl", "tensorboard")),
+                                      events_dir=tmp_path / "events", wandb_id_path=tmp_path / "wandb_id",
+                                      run_config={})
+    writer = metrics.MetricsWriter(tmp_path, trackers)
+    writer.write({"iteration": -1, "step": 4, "loss": 2.0})
+    writer.write({"iteration": -1, "step": 4, "event": "sft_end", "eval/kl": 1.0})
     writer.write({"iteration": 0, "step": 1, "loss": 1.5})
-    writer.tensorboard.flush()
+    assert trackers.clock.at(0, 1) == 5
+    writer.close()
     assert list((tmp_path / "events").glob("events.out.tfevents.*"))

@@ -17,10 +17,13 @@ import numpy as np
 import pytest
 
 import orbax.checkpoint as ocp
+import pyarrow.parquet as pq
 
 from spacejax import assets, checkpoint, cli, config, hf, losses, metrics, selfplay, sharding, toy
 from spacejax.scoring import Scorer
 from spacejax.pairs import Pairs
+
+from runs import assert_params_equal, final_params, step_records
 
 ROOT = Path(__file__).resolve().parents[1]
 # Reduced tiny_space: fast enough for the tests, still every phase.
@@ -34,21 +37,6 @@ STEP_METRICS = ("loss", "rewards/real", "rewards/generated", "rewards/margins", 
 
 def load(name, *overrides):
     return config.load(ROOT / "configs" / name, list(overrides))
-
-
-def final_params(workdir, iteration):
-    return checkpoint.load_params(checkpoint.iteration_dir(workdir, iteration) / "final")[1]
-
-
-def assert_params_equal(a, b):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-def step_records(workdir):
-    """Step metrics by (iteration, step), without the wall-clock rate."""
-    return {(r["iteration"], r["step"]): {k: v for k, v in r.items() if k != "tokens_per_second"}
-            for r in metrics.read(workdir) if "event" not in r}
 
 
 @pytest.fixture(scope="module")
@@ -273,10 +261,20 @@ def test_config_errors_name_the_key_and_write_nothing(tmp_path, capsys, override
 def test_chat_config_runs_end_to_end_through_the_chat_template(tmp_path):
     cfg = load("tiny_chat_space.yaml", f"data.source={assets.TINY_CHAT_PATH}",
                f"data.tokenizer={assets.TINY_TOKENIZER_DIR}", "data.num_train=32", "data.num_eval=16",
-               "train.batch_size=16", "sampler.max_new_tokens=8", "selfplay.iterations=1", "train.epochs=1")
+               "train.batch_size=16", "sampler.max_new_tokens=8", "selfplay.iterations=1", "train.epochs=1",
+               "tracking.kinds=[jsonl,tensorboard,wandb]", "tracking.wandb.mode=offline")
     selfplay.run(cfg, tmp_path)
     pairs = Pairs.load(tmp_path / "iter_000" / "samples.parquet")
     tokenizer = hf.load_tokenizer(assets.TINY_TOKENIZER_DIR)
+    # The decoded text is kept beside the ids; the trackers and the launch's provenance were written.
+    text = pq.read_table(tmp_path / "iter_000" / "samples.parquet", columns=["real", "generated"]).to_pydict()
+    assert text["real"][0] == tokenizer.decode(pairs.real_ids[0], skip_special_tokens=True)
+    assert text["generated"][0][0] == tokenizer.decode(pairs.generated_ids[0][0], skip_special_tokens=True)
+    assert list((tmp_path / "events").glob("events.out.tfevents.*"))
+    run_id = (tmp_path / "wandb_id").read_text()
+    assert list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
+    (launch,) = [json.loads(p.read_text()) for p in (tmp_path / "provenance").iterdir()]
+    assert launch["jax"] == jax.__version__ and launch["device_count"] == jax.device_count()
     prompt = tokenizer.decode(pairs.prompt_ids[0])
     assert prompt.startswith("<|bos|>") and prompt.endswith("<|assistant|>\n")
     assert pairs.real_ids[0][-1] == tokenizer.eos_token_id

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from spacejax import checkpoint, metrics, selfplay, sharding
+from spacejax import checkpoint, hf, metrics, selfplay, sharding
 from spacejax.config import ConfigError, MeshConfig, ModelConfig, load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,3 +118,17 @@ def test_a_single_process_checkpoint_restores_in_two_processes(reference_run):
     outputs = run_processes([str(Path(__file__).parent / "restore_worker.py"), str(final)])
     for output in outputs:
         assert f"checksum {expected:.6f}" in output, output[-2000:]
+
+
+def test_two_processes_export_params_sharded_across_both_to_hugging_face(reference_run, tmp_path):
+    """fsdp 8 over 2 processes of 4 devices: every embed dimension is split across the processes,
+    and the export gathers it; the exported model is the run's final params."""
+    workdir = tmp_path / "fsdp"
+    run_processes(["-m", "spacejax.cli", "train", "--config", str(ROOT / "configs" / "tiny_space.yaml"),
+                   "--workdir", str(workdir), *TINY, "mesh.data=1", "mesh.fsdp=8", "checkpoint.export_hf=true"])
+    cfg, exported = hf.load(workdir / "hf" / "iter_000")
+    placed = sharding.param_shardings(cfg, sharding.make_mesh(MeshConfig(data=1, fsdp=8)))
+    assert placed["layers"]["mlp"]["up_proj"]["kernel"].spec[1] == "fsdp"  # embed: split over both processes
+    _, final = checkpoint.load_params(workdir / "iter_000" / "final")
+    for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(final), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -30,7 +30,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from spacejax import config, losses, metrics, selfplay
+from spacejax import config, losses, metrics, selfplay, storage
 
 
 DEFAULT_METHODS = ("spin:beta=0.1", "spin:beta=0.5", "spin:beta=1", "space:mu=0.5", "space:mu=1",
@@ -140,7 +140,7 @@ def collect(workdirs: Iterable) -> dict:
     SFT warm-up's as iteration -1). `global_step` counts steps across iterations."""
     runs, records = [], []
     for workdir in workdirs:
-        workdir = Path(workdir)
+        workdir = storage.location(workdir)
         cfg = config.from_dict(config.RunConfig, _yaml(workdir / selfplay.CONFIG_FILE))
         method = describe(cfg)
         runs.append({"method": method, "seed": cfg.seed, "workdir": str(workdir)})
@@ -168,13 +168,13 @@ def collect(workdirs: Iterable) -> dict:
 def theta0_records(cfg: config.RunConfig) -> list[dict]:
     """The evaluation records of theta_0 of a run that starts from another run's SFT warm-up
     (`init_from: RUN/sft/final`): that run's; [] for any other start."""
-    start = Path(cfg.init_from) if cfg.init_from else None
+    start = storage.location(cfg.init_from) if cfg.init_from else None
     if start is None or (start.name, start.parent.name) != ("final", "sft"):
         return []
     return [r for r in metrics.read(start.parent.parent) if r["iteration"] == selfplay.SFT_ITERATION and "event" in r]
 
 
-def _yaml(path: Path) -> dict:
+def _yaml(path) -> dict:
     import yaml
 
     return yaml.safe_load(path.read_text())
@@ -368,9 +368,10 @@ def plot(curves: dict, out) -> list[Path]:
 
 def plot_workdirs(workdirs: Sequence, out) -> list[Path]:
     """`spacejax plot`: the benchmark's plots, curves and summary from any run directories."""
-    missing = [str(w) for w in workdirs if not (Path(w) / metrics.METRICS_FILE).exists()]
+    missing = [str(w) for w in workdirs if not metrics.has_log(w)]
     if missing:
-        raise FileNotFoundError(f"no {metrics.METRICS_FILE} in {', '.join(missing)}")
+        raise FileNotFoundError(f"no {metrics.METRICS_FILE} (or {metrics.SEGMENTS_DIR}/ on gs://) in "
+                                f"{', '.join(missing)}")
     curves = collect(workdirs)
     write(curves, out, plots=False)
     return plot(curves, out)

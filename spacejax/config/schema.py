@@ -6,12 +6,12 @@ With `plain.py` this package is the ground floor: it imports nothing else from s
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 import typing
 from typing import Optional
 
 import yaml
 
+from spacejax import storage
 from spacejax.config.plain import ConfigError, from_dict, to_dict
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")
@@ -302,6 +302,37 @@ class CheckpointConfig:
         positive("checkpoint", self, "every_steps", "keep")
 
 
+TRACKERS = ("jsonl", "tensorboard", "wandb")
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+@dataclasses.dataclass(frozen=True)
+class WandbConfig:
+    """Where a run's Weights & Biases run lives (`tracking.kinds` with wandb; the `wandb` extra)."""
+
+    project: str = "spacejax"
+    entity: Optional[str] = None
+    name: Optional[str] = None  # null: wandb picks one
+    mode: str = "online"  # online | offline (synced later with `wandb sync`) | disabled
+    tags: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        check_choice("tracking.wandb.mode", self.mode, WANDB_MODES)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackingConfig:
+    """Where the run's records go: jsonl (the run's own log, always on), tensorboard
+    (workdir/events/, the `tensorboard` extra), wandb (process 0 only)."""
+
+    kinds: tuple[str, ...] = ("jsonl",)
+    wandb: WandbConfig = WandbConfig()
+
+    def __post_init__(self):
+        for kind in self.kinds:
+            check_choice("tracking.kinds entry", kind, TRACKERS)
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Everything a run needs. `init_from`: a Hugging Face directory or a spacejax params
@@ -310,7 +341,6 @@ class RunConfig:
 
     seed: int = 0
     init_from: Optional[str] = None
-    tensorboard: bool = False  # also write workdir/events/ (the `tensorboard` extra)
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     sampler: SamplerConfig = SamplerConfig()
@@ -319,6 +349,7 @@ class RunConfig:
     mesh: MeshConfig = MeshConfig()
     selfplay: SelfPlayConfig = SelfPlayConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     def __post_init__(self):
         for change in self.selfplay.from_iteration:  # every scheduled value is checked at load time
@@ -331,8 +362,8 @@ class RunConfig:
 
 
 def load(path, overrides: typing.Sequence[str] = ()) -> RunConfig:
-    """Read a YAML file and apply dotted `key=value` overrides (values parsed as YAML)."""
-    path = pathlib.Path(path)
+    """Read a YAML file (local or gs://) and apply dotted `key=value` overrides (values parsed as YAML)."""
+    path = storage.location(path)
     if not path.exists():
         raise ConfigError(f"config file {path} not found")
     data = _parse_yaml(path.read_text(), f"config file {path}") or {}

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from spacejax import storage
 from spacejax.sampler.generation import Completions
 
 
@@ -69,7 +67,7 @@ def read_prompts(path, tokenizer=None, *, vocab_size: int) -> tuple[list[dict], 
     encoded with the tokenizer's own special tokens). `prompt_ids` wins when several are present.
     A bad row raises ValueError naming the file and line."""
     rows, ids = [], []
-    with open(path, encoding="utf-8") as file:
+    with storage.location(path).open(encoding="utf-8") as file:
         for line_number, line in enumerate(file, start=1):
             if not line.strip():
                 continue
@@ -85,18 +83,8 @@ def read_prompts(path, tokenizer=None, *, vocab_size: int) -> tuple[list[dict], 
 
 
 def write_jsonl_atomic(path, rows: Sequence[dict]) -> None:
-    """Write rows to a temporary file beside `path`, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
-            for row in rows:
-                file.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(staging, path)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
+    """Write rows as one JSON object per line, whole or not at all (`storage.write_atomic`)."""
+    storage.write_atomic(storage.location(path), "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def completion_rows(rows: Sequence[dict], completions: Completions, num_samples: int,

@@ -90,5 +90,8 @@ def generation_seed(seed: int, iteration: int) -> int:
 def run(cfg: RunConfig, workdir) -> dict:
     """Run (or resume) every phase of a config in `workdir`; returns the last evaluation."""
     parts = setup(cfg, workdir)
-    with parts.preemption.watching(), jax.set_mesh(parts.mesh):  # activations follow the batch split
-        return self_play(cfg, parts)
+    try:
+        with parts.preemption.watching(), jax.set_mesh(parts.mesh):  # activations follow the batch split
+            return self_play(cfg, parts)
+    finally:
+        parts.store.close()

@@ -1,9 +1,14 @@
 """The run store: the run directory of DESIGN.md, and everything a resumed run reads back.
 
-    workdir/config.yaml  metrics.jsonl (a log: never read back as state)
+    workdir/config.yaml               the resolved config (a resumed run must equal it)
+    workdir/metrics.jsonl             the log, never read back as state (on gs:// the segment
+                                      objects metrics/00000000.jsonl, ... instead)
+    workdir/provenance/<time>.json    one per launch: versions, commit, topology, command line
+    workdir/events/  wandb_id  wandb/ the trackers' files, when tracking.kinds names them
     workdir/sft/                      the optional SFT warm-up producing theta_0 (iteration -1)
     workdir/iter_000/samples.parquet  synthetic responses + opponent log-probs + generation settings
     workdir/iter_000/train/<step>/    Orbax train state (params, optimizer state, step, first loss)
+    workdir/iter_000/unreadable/<step>/  a step checkpoint that failed to restore, set aside
     workdir/iter_000/final/           params of theta_1 (the next opponent)
     workdir/iter_000/eval.json  DONE  DONE is written last: the iteration is complete
     workdir/hf/iter_000/              optional Hugging Face export
@@ -12,17 +17,20 @@ The algorithm asks the store: is phase t done (`done`), its final params (`final
 (`evaluation`), its samples if they were made (`samples`), its step checkpoints (`checkpoints`);
 and tells it: `save_samples`, `finish` (final params, export, eval.json, the log's event, DONE).
 Only process 0 writes files other than Orbax's; every process takes part in Orbax saves.
+The workdir may be a gs:// URL (`storage`): every file here is written whole, in one object or
+one rename, and DONE last.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
+import time
 from typing import Optional
 
 import jax
 
-from spacejax import checkpoint, config, hf, metrics, sharding
+from spacejax import checkpoint, config, hf, metrics, provenance, sharding, storage, tracking
 from spacejax.config import ConfigError, ModelConfig, RunConfig
 from spacejax.pairs import Pairs
 from spacejax.trainer import phase_name
@@ -30,9 +38,12 @@ from spacejax.trainer import phase_name
 CONFIG_FILE = "config.yaml"
 SAMPLES_FILE = "samples.parquet"
 EVAL_FILE = "eval.json"
+PROVENANCE_DIR = "provenance"  # one <UTC time>.json per launch: versions, topology, command line
+WANDB_ID_FILE = "wandb_id"  # the wandb run a resumed run continues
+SAMPLES_TRACKED = 16  # rows of each iteration's samples table in the trackers
 
 
-def read_config(path: Path) -> RunConfig:
+def read_config(path) -> RunConfig:
     """A workdir's config.yaml as a RunConfig: fields it lacks (written by an older spacejax)
     take their defaults."""
     try:
@@ -45,7 +56,7 @@ def read_config(path: Path) -> RunConfig:
 def prepare(workdir, cfg: RunConfig) -> None:
     """Write workdir/config.yaml (process 0), or check that a resumed run's config equals it by
     value; a difference is refused, naming the keys."""
-    workdir = Path(workdir).absolute()
+    workdir = storage.location(workdir)
     path = workdir / CONFIG_FILE
     existing = read_config(path) if path.exists() else None
     sharding.barrier("config checked")  # nobody reads a config.yaml that process 0 is writing
@@ -55,19 +66,26 @@ def prepare(workdir, cfg: RunConfig) -> None:
             raise ConfigError(f"{path} holds a different config ({', '.join(changed)}); resume with the same config "
                               "and overrides, or choose a new --workdir")
     elif jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        path.write_text(config.dump(cfg))
+        storage.write_atomic(path, config.dump(cfg))
 
 
 class RunStore:
     """One run directory; `model_cfg` and `param_shardings` say how its params are saved and placed."""
 
     def __init__(self, workdir, cfg: RunConfig, model_cfg: ModelConfig, param_shardings, tokenizer=None):
-        self.workdir = Path(workdir).absolute()
+        self.workdir = storage.location(workdir)
         self.cfg, self.model_cfg, self.param_shardings, self.tokenizer = cfg, model_cfg, param_shardings, tokenizer
-        self.log = metrics.MetricsWriter(self.workdir, tensorboard=cfg.tensorboard)
+        launch = provenance.collect()
+        if jax.process_index() == 0:
+            name = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{os.getpid()}.json"
+            storage.write_atomic(self.workdir / PROVENANCE_DIR / name, json.dumps(launch, indent=2))
+        trackers = tracking.open_trackers(
+            cfg.tracking, events_dir=self.workdir / "events", wandb_id_path=self.workdir / WANDB_ID_FILE,
+            run_config=config.to_dict(cfg), provenance=launch, records=metrics.read(self.workdir),
+            wandb_dir=None if storage.is_remote(self.workdir) else self.workdir)
+        self.log = metrics.MetricsWriter(self.workdir, trackers)
 
-    def phase_dir(self, iteration: int) -> Path:
+    def phase_dir(self, iteration: int):
         return checkpoint.iteration_dir(self.workdir, iteration)
 
     def done(self, iteration: int) -> bool:
@@ -89,12 +107,18 @@ class RunStore:
         return Pairs.load(path) if path.exists() else None
 
     def save_samples(self, iteration: int, pairs: Pairs, settings: dict) -> None:
+        """samples.parquet (with the decoded text when the run has a tokenizer), and the first
+        rows as a table in the trackers."""
         if jax.process_index() == 0:
-            pairs.save(self.phase_dir(iteration) / SAMPLES_FILE, settings=settings)
+            pairs.save(self.phase_dir(iteration) / SAMPLES_FILE, settings=settings, tokenizer=self.tokenizer)
+            if self.log.trackers is not None and self.log.trackers.trackers:
+                self.log.trackers.log_samples(iteration, pairs.texts(self.tokenizer, SAMPLES_TRACKED))
         sharding.barrier("samples saved")
 
     def checkpoints(self, iteration: int) -> checkpoint.TrainCheckpoints:
-        return checkpoint.TrainCheckpoints(self.phase_dir(iteration), keep=self.cfg.checkpoint.keep)
+        # the log is flushed first, so a resume from this step finds every record before it
+        return checkpoint.TrainCheckpoints(self.phase_dir(iteration), keep=self.cfg.checkpoint.keep,
+                                           before_save=self.log.flush)
 
     def finish(self, iteration: int, params, evaluation: dict, steps: int) -> None:
         """Save the phase's final params and evaluation, log them after its `steps` steps, and
@@ -103,9 +127,13 @@ class RunStore:
         final = phase_dir / "final"
         if not checkpoint.is_params_checkpoint(final):
             checkpoint.save_params(final, self.model_cfg, params)
-        if self.cfg.checkpoint.export_hf and iteration >= 0 and jax.process_index() == 0:
+        if self.cfg.checkpoint.export_hf and iteration >= 0:  # every process: it gathers the params
             hf.save(self.model_cfg, params, self.workdir / "hf" / phase_dir.name, tokenizer=self.tokenizer)
         if jax.process_index() == 0:
-            (phase_dir / EVAL_FILE).write_text(json.dumps(evaluation, indent=2))
+            storage.write_atomic(phase_dir / EVAL_FILE, json.dumps(evaluation, indent=2))
         self.log.write({"iteration": iteration, "step": steps, "event": f"{phase_name(iteration)}_end", **evaluation})
+        self.log.flush()
         checkpoint.mark_done(phase_dir)
+
+    def close(self) -> None:
+        self.log.close()
