@@ -1,6 +1,6 @@
 # shellcheck shell=bash disable=SC2034  # the variables are used by the scripts that source this file
 # Helpers shared by the tpu_scripts: printing and running commands (--dry-run), argument checks,
-# the gcloud flags every command takes, and the remote layout on the TPU workers.
+# the gcloud flags every command takes, the remote layout on the TPU workers, and the run's folder.
 # Sourced, never run. No bash 4 features (associative arrays, mapfile, namerefs), so that the bash 3.2
 # of macOS should do too; tested with bash 5.
 
@@ -12,6 +12,7 @@ REMOTE_VENV='$HOME/spacejax-venv'           # Python >= 3.11 virtual environment
 # shellcheck disable=SC2016
 REMOTE_LOGS='$HOME/spacejax-logs'           # worker-$(hostname).log and train.pid
 REMOTE_TARBALL='spacejax-src.tar.gz'        # relative to the home directory (scp target)
+SSH_FLAGS=()                                # --internal-ip, --tunnel-through-iap: every ssh and scp gets them
 
 TPU_SCRIPTS_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(cd "$TPU_SCRIPTS_DIR/.." && pwd)
@@ -139,6 +140,16 @@ create_flag() {
   esac
 }
 
+# ssh_flag "$@": the flags of how to reach the workers (for VMs created with --internal-ips: --internal-ip from
+# inside the VPC, or --tunnel-through-iap), kept in SSH_FLAGS for every ssh and scp; TAKEN as for tpu_flag.
+ssh_flag() {
+  TAKEN=1
+  case $1 in
+    --internal-ip | --tunnel-through-iap) SSH_FLAGS+=("$1") ;;
+    *) return 1 ;;
+  esac
+}
+
 # require_mode: --mode is on-demand, spot or queued.
 require_mode() {
   case $MODE in
@@ -187,7 +198,19 @@ set_gcloud_flags() {
 
 # tpu_ssh WORKER REMOTE_COMMAND: run a shell command on one worker or on all (--worker=all).
 tpu_ssh() {
-  run gcloud compute tpus tpu-vm ssh "$NAME" "${GCLOUD_FLAGS[@]}" --worker="$1" --command "$2"
+  run gcloud compute tpus tpu-vm ssh "$NAME" "${GCLOUD_FLAGS[@]}" ${SSH_FLAGS[@]+"${SSH_FLAGS[@]}"} --worker="$1" --command "$2"
+}
+
+# tpu_scp LOCAL_FILE REMOTE_PATH: copy a file to every worker.
+tpu_scp() {
+  run gcloud compute tpus tpu-vm scp "$1" "$NAME:$2" "${GCLOUD_FLAGS[@]}" ${SSH_FLAGS[@]+"${SSH_FLAGS[@]}"} --worker=all
+}
+
+# run_folder_url WORKDIR: where the scripts keep what belongs to a run, next to it in its bucket:
+# WORKDIR/tpu_scripts/ (constraints.txt: the frozen package versions; logs/: the workers' logs;
+# preflight.py's preflight/ while it runs). Nothing for a workdir that is not gs://.
+run_folder_url() {
+  if [[ $1 == gs://* ]]; then printf '%s/tpu_scripts' "${1%/}"; fi
 }
 
 # The remote prelude: fail fast, put the spacejax virtual environment first on PATH, go to the source tree.
@@ -201,10 +224,10 @@ iteration_dir_name() {
   printf 'iter_%03d' "$1"
 }
 
-# describe_state node|queued ASSUMED: the state of the TPU VM (READY, CREATING, PREEMPTED, ...) or of the
-# queued resource (WAITING_FOR_RESOURCES, ACTIVE, SUSPENDED, ...); MISSING when it does not exist, UNKNOWN
-# when gcloud failed for another reason (network, auth: never a reason to delete anything).
-# In --dry-run it prints the command and answers ASSUMED.
+# describe_state node|queued ASSUMED: the state of the TPU VM (READY, CREATING, PREEMPTED, ... and the API's
+# own UNKNOWN) or of the queued resource (WAITING_FOR_RESOURCES, ACTIVE, SUSPENDED, ...); MISSING when it
+# does not exist; GCLOUD_FAILED when gcloud failed for another reason or answered nothing (network, auth:
+# never a reason to delete anything). In --dry-run it prints the command and answers ASSUMED.
 describe_state() {
   local cmd errors state
   if [[ $1 == node ]]; then
@@ -218,13 +241,13 @@ describe_state() {
     return 0
   fi
   errors=$(mktemp)
-  if state=$("${cmd[@]}" 2>"$errors"); then
-    printf '%s\n' "${state:-UNKNOWN}"
+  if state=$("${cmd[@]}" 2>"$errors") && [[ -n $state ]]; then
+    printf '%s\n' "$state"
   elif grep -qiE 'NOT_FOUND|not found|does not exist' "$errors"; then
     echo MISSING
   else
     log "could not read the state of $1 ${NAME}: $(tr '\n' ' ' <"$errors")"
-    echo UNKNOWN
+    echo GCLOUD_FAILED
   fi
   rm -f "$errors"
 }

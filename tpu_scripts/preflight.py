@@ -7,9 +7,10 @@ On a TPU VM slice, every worker runs it at once (tpu_scripts/preflight.sh does, 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \\
         python tpu_scripts/preflight.py --config configs/tiny_space.yaml
 
-Every process joins `jax.distributed` (automatic on TPU VMs; `--coordinator/--num-processes/
---process-id` elsewhere; with `--distributed auto`, the default, a machine where no cluster is
-detected runs as a single process) and prints its index, host and devices. Then, together:
+Every process joins `jax.distributed` through `spacejax.sharding.initialize`, the call `spacejax train`
+makes (automatic where jax detects a cluster of several processes, e.g. a TPU VM slice;
+`--coordinator/--num-processes/--process-id` elsewhere; a single process otherwise) and prints its
+index, host and devices. Then, together:
 
 - the versions of jax, jaxlib, libtpu, flax, optax, orbax-checkpoint, transformers and spacejax (and
   a digest of spacejax's source files) and the resolved config are gathered from every process
@@ -17,10 +18,14 @@ detected runs as a single process) and prints its index, host and devices. Then,
 - the config's mesh must fit the global device count (`sharding.make_mesh`), and its batch sizes
   must split over the data x fsdp axes (`config.check_batch_sizes`, as `spacejax train` checks);
 - the local paths the config reads (init_from, data.source, data.tokenizer) must exist on every host;
-- a sum over an array sharded on every device must give the right answer (the interconnect works).
+- a sum over an array sharded on every device must give the right answer (the interconnect works);
+- with --workdir (a gs:// URL or a path every host sees): an asynchronous Orbax save of an array
+  sharded over every device, written by all processes into WORKDIR/tpu_scripts/preflight, must
+  restore to the same values; the folder is deleted afterwards.
 
 Every process takes part in the same collectives whatever goes wrong locally, so a failure on one
-host cannot hang the others. Exit status: 0 all good, 1 a check failed (process 0 names each
+host cannot hang the others (but for Orbax's own barriers: a host whose checkpoint save fails inside
+Orbax may keep the others waiting there until Orbax's timeout). Exit status: 0 all good, 1 a check failed (process 0 names each
 problem and the processes/hosts concerned), 2 bad arguments.
 """
 
@@ -36,9 +41,11 @@ import time
 
 import numpy as np
 
+CHECKPOINT_FOLDER = "tpu_scripts/preflight"  # in the run's folder of the scripts (common.sh: run_folder_url); deleted after
 PACKAGES = ("jax", "jaxlib", "libtpu", "flax", "optax", "orbax-checkpoint", "transformers", "spacejax")
 PATH_KEYS = ("init_from", "data.source", "data.tokenizer")
 WIDTH = 96  # bytes per gathered string
+ERROR_WIDTH = 480  # bytes per gathered error message
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,12 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                "python tpu_scripts/preflight.py --config configs/tiny_space.yaml")
     parser.add_argument("--config", required=True, help="the config you will launch (a YAML file of configs/)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="the overrides you will launch with")
-    parser.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
-                        help="on: jax.distributed.initialize() must succeed (automatic on TPU VMs, SLURM, ...); "
-                             "auto (default): the same, but run as a single process where no cluster is "
-                             "detected; off: single process")
-    parser.add_argument("--no-distributed", dest="distributed", action="store_const", const="off",
-                        help="the same as --distributed off")
+    parser.add_argument("--workdir", help="the run's workdir (gs://BUCKET/PATH or a path every host sees): "
+                                          f"check an Orbax checkpoint in WORKDIR/{CHECKPOINT_FOLDER}")
     parser.add_argument("--coordinator", metavar="HOST:PORT", help="explicit coordinator (GPU/CPU clusters)")
     parser.add_argument("--num-processes", type=int, help="with --coordinator: the number of processes")
     parser.add_argument("--process-id", type=int, help="with --coordinator: this process's index")
@@ -61,30 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     explicit = [args.coordinator, args.num_processes, args.process_id]
     if any(v is not None for v in explicit) and not all(v is not None for v in explicit):
         parser.error("--coordinator, --num-processes and --process-id go together")
-    if args.coordinator and args.distributed == "off":
-        parser.error("--coordinator needs distributed mode (drop --no-distributed)")
     return args
-
-
-def init_distributed(args: argparse.Namespace) -> str:
-    """Join the cluster; returns how (for the report)."""
-    import jax
-
-    if args.distributed == "off":
-        return "single process (--distributed off)"
-    if args.coordinator:
-        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
-                                   process_id=args.process_id)
-        return f"jax.distributed via coordinator {args.coordinator}"
-    try:
-        jax.distributed.initialize()
-    except ValueError as error:  # no cluster environment found (TPU VM, SLURM, Open MPI, ...)
-        if args.distributed == "on":
-            raise SystemExit(f"preflight: FAILED: jax.distributed.initialize() found no cluster ({error}); on "
-                             "a TPU VM run it through preflight.sh, elsewhere pass --coordinator/--num-processes/"
-                             "--process-id, or --distributed off for a single host") from None
-        return f"single process (no cluster detected: {error})"
-    return "jax.distributed (auto-detected)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,11 +138,11 @@ def identity_items(cfg, error) -> dict[str, str]:
     return items
 
 
-def encode(strings) -> np.ndarray:
-    """Strings -> uint8 [len(strings), WIDTH] (truncated, zero-padded): gatherable across processes."""
-    table = np.zeros((len(strings), WIDTH), np.uint8)
+def encode(strings, width: int = WIDTH) -> np.ndarray:
+    """Strings -> uint8 [len(strings), width] (truncated, zero-padded): gatherable across processes."""
+    table = np.zeros((len(strings), width), np.uint8)
     for i, text in enumerate(strings):
-        data = text.encode()[:WIDTH]
+        data = text.encode()[:width]
         table[i, :len(data)] = np.frombuffer(data, np.uint8)
     return table
 
@@ -225,19 +205,27 @@ def check_mesh(cfg, devices) -> tuple[list[str], str]:
     return [], described
 
 
+def one_per_device(devices):
+    """[1, 2, ..., n] (float32), one element on each of the n devices: (the array, its sharding)."""
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    n = len(devices)
+    sharding = NamedSharding(Mesh(np.asarray(devices), ("all",)), PartitionSpec("all"))
+    values = jax.make_array_from_callback((n,), sharding, lambda index: np.arange(n, dtype=np.float32)[index] + 1)
+    return values, sharding
+
+
 def allreduce_check(devices) -> tuple[list[str], str]:
     """Sum an array with one element per device, sharded over all of them; every process joins."""
     import jax
     import jax.numpy as jnp
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    from jax.sharding import NamedSharding, PartitionSpec
 
-    mesh = Mesh(np.asarray(devices), ("all",))
     n = len(devices)
     start = time.perf_counter()
-    values = jax.make_array_from_callback(
-        (n,), NamedSharding(mesh, PartitionSpec("all")),
-        lambda index: np.arange(n, dtype=np.float32)[index] + 1)
-    total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, PartitionSpec()))(values)
+    values, sharding = one_per_device(devices)
+    total = jax.jit(jnp.sum, out_shardings=NamedSharding(sharding.mesh, PartitionSpec()))(values)
     total = float(np.asarray(total.addressable_data(0)))
     expected = n * (n + 1) / 2
     elapsed = time.perf_counter() - start
@@ -246,15 +234,109 @@ def allreduce_check(devices) -> tuple[list[str], str]:
     return [], f"all-reduce over {n} devices: ok ({elapsed * 1e3:.0f} ms with compilation)"
 
 
+def describe_error(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def remove_folder(directory) -> str:
+    """Process 0 deletes `directory` (an `epath.Path`: local or gs://) if it exists, while every
+    process waits; '' or process 0's error."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    error = ""
+    if jax.process_index() == 0:
+        try:
+            if directory.exists():
+                directory.rmtree()
+        except Exception as exc:  # noqa: BLE001 - reported; the other processes are waiting
+            error = f"delete: {describe_error(exc)}"
+    multihost_utils.sync_global_devices(f"preflight: {directory} removed")
+    return error
+
+
+def save_and_restore(workdir: str, directory, devices) -> float:
+    """An asynchronous Orbax save of an array sharded over every device (each process writes its own
+    shards) in `directory`, waited for, then restored with the same sharding and compared; the
+    seconds it took."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    from spacejax import storage
+
+    storage.check_usable(workdir)  # names a missing bucket or missing credentials
+    values, sharding = one_per_device(devices)
+    start = time.perf_counter()
+    options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=True)
+    with ocp.CheckpointManager(directory, options=options) as manager:
+        manager.save(0, args=ocp.args.StandardSave({"values": values}))
+        manager.wait_until_finished()
+        target = {"values": jax.ShapeDtypeStruct(values.shape, values.dtype, sharding=sharding)}
+        restored = manager.restore(0, args=ocp.args.StandardRestore(target))["values"]
+    for got, saved in zip(restored.addressable_shards, values.addressable_shards):
+        if not np.array_equal(np.asarray(got.data), np.asarray(saved.data)):
+            raise ValueError(f"the shard at {got.index} restored as {np.asarray(got.data)}, saved {np.asarray(saved.data)}")
+    return time.perf_counter() - start
+
+
+def checkpoint_error(workdir: str, directory, devices) -> tuple[str, float]:
+    """Save and restore a tiny checkpoint in `directory` from every process, then delete it:
+    ('' or this process's first error, seconds). Every process runs every step whatever failed
+    before (one that fails inside Orbax may still hold the others in Orbax's own barriers until
+    they time out)."""
+    errors = [remove_folder(directory)]  # a folder an interrupted preflight left
+    seconds = 0.0
+    try:
+        seconds = save_and_restore(workdir, directory, devices)
+    except Exception as exc:  # noqa: BLE001 - reported by process 0; the other processes go on
+        errors.append(f"save and restore: {describe_error(exc)}")
+    errors.append(remove_folder(directory))
+    return next(filter(None, errors), ""), seconds
+
+
+def compare_checkpoint(directory, errors, hosts) -> list[str]:
+    """errors[p]: process p's checkpoint error or ''. One problem naming the failing processes."""
+    failed = [p for p, error in enumerate(errors) if error]
+    if not failed:
+        return []
+    return [f"the checkpoint in {directory} failed on {describe_processes(failed, hosts)}: {errors[failed[0]]}. "
+            "Check the workdir, the bucket's permissions for the VM's service account, and that spacejax[gcs] is "
+            "installed (setup.sh installs it)"]
+
+
+def checkpoint_check(workdir: str, devices, hosts) -> tuple[list[str], str]:
+    """The checkpoint check in WORKDIR/tpu_scripts/preflight, gathered from every process. The
+    workdir goes through `storage.location` (an `epath.Path`), never pathlib, which would turn
+    gs://b/x into gs:/b/x."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    from spacejax import storage
+
+    try:
+        directory = storage.location(workdir) / CHECKPOINT_FOLDER
+    except storage.StorageError as error:  # the same on every process: none of them goes on
+        return [f"--workdir: {error}"], ""
+    error, seconds = checkpoint_error(workdir, directory, devices)
+    if error:
+        print(f"[preflight process {jax.process_index()}] checkpoint in {directory}: {error}", file=sys.stderr, flush=True)
+    gathered = np.asarray(multihost_utils.process_allgather(encode([error], ERROR_WIDTH)))
+    problems = compare_checkpoint(directory, [decode(row) for row in gathered.reshape(len(hosts), ERROR_WIDTH)], hosts)
+    return problems, "" if problems else (f"asynchronous Orbax checkpoint written by every process in {directory}, "
+                                          f"restored and deleted: ok ({seconds:.1f} s)")
+
+
 # ---------------------------------------------------------------------------------------------
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     import jax
-
-    mode = init_distributed(args)
     from jax.experimental import multihost_utils
+
+    from spacejax import sharding
+
+    mode = sharding.initialize(args.coordinator, args.num_processes, args.process_id)
 
     index, count = jax.process_index(), jax.process_count()
     host = socket.gethostname()
@@ -274,8 +356,9 @@ def main(argv=None) -> int:
     table, statuses = np.asarray(table).reshape(count, len(names) + 1, WIDTH), np.asarray(statuses).reshape(count, -1)
     hosts = [decode(row[0]) for row in table]
     values = [[decode(cell) for cell in row[1:]] for row in table]
+    checkpoint_problems, checkpoint_line = checkpoint_check(args.workdir, devices, hosts) if args.workdir else ([], "")
 
-    problems = compare_identity(names, values, hosts) + problems
+    problems = compare_identity(names, values, hosts) + problems + checkpoint_problems
     lines = []
     if cfg is None:
         problems.insert(0, f"config: {error}")
@@ -283,7 +366,7 @@ def main(argv=None) -> int:
         mesh_problems, mesh_line = check_mesh(cfg, devices)
         problems += mesh_problems + compare_paths(cfg, statuses, hosts)
         lines.append(mesh_line)
-    lines.append(allreduce)
+    lines += [allreduce, checkpoint_line]
 
     if index == 0:
         print(f"preflight: {count} process{'es' if count > 1 else ''} on hosts {sorted(set(hosts))}")
