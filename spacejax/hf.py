@@ -3,7 +3,8 @@
 A Hugging Face directory holds `config.json` and either `model.safetensors` or shards listed in
 `model.safetensors.index.json`. Linear weights are stored `[out, in]` in PyTorch; ours are Flax
 kernels `[in..., out...]` with heads split out, and per-layer tensors are stacked on a leading
-`layers` axis (the model scans over it).
+`layers` axis (the model scans over it). A LoRA adapter (spacejax.lora) is exported alone in
+PEFT's format (`save_adapter`), for `peft.PeftModel.from_pretrained` on the base checkpoint.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import transformers
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from spacejax import model, sharding, storage
-from spacejax.config import ModelConfig, RopeScaling
+from spacejax import lora, model, sharding, storage
+from spacejax.config import LoraConfig, ModelConfig, RopeScaling
 
 log = logging.getLogger(__name__)
 
@@ -356,3 +357,82 @@ def load_tokenizer(path) -> transformers.PreTrainedTokenizerBase:
     with storage.local_copy(location, skip_suffixes=WEIGHT_FORMATS_NOT_READ + (".safetensors",)) as local:
         return transformers.AutoTokenizer.from_pretrained(os.fspath(local), local_files_only=True)
 
+
+# ----------------------------------------------------------------------------------- PEFT adapters
+
+ADAPTER_CONFIG_FILE = "adapter_config.json"  # written last into an adapter export: marks a complete one
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # a PeftModel wraps the ...ForCausalLM: its module names gain this
+
+
+def _target_tensor(cfg: ModelConfig, target: str) -> Tensor:
+    """The Hugging Face weight that a LoRA target ("q", ..., "down") adapts: its kernel's entry
+    in `tensor_map`, the one source of Hugging Face names."""
+    path, fan_in_dims = lora.TARGETS[target]
+    (tensor,) = [t for t in tensor_map(cfg) if t.path == path]
+    # a [*in, r] and b [r, *out] split the kernel's axes where _to_hf splits the kernel's
+    assert tensor.linear_fan_in_dims == fan_in_dims, (target, tensor)
+    return tensor
+
+
+def _module_name(tensor: Tensor) -> str:
+    """The Linear module holding a weight: "model.layers.{i}.self_attn.q_proj.weight" ->
+    "model.layers.{i}.self_attn.q_proj"."""
+    return tensor.hf_name.removesuffix(".weight")
+
+
+def _peft_tensors(model_cfg: ModelConfig, lora_cfg: LoraConfig, adapters: dict) -> Iterator[tuple[str, np.ndarray]]:
+    """(PEFT name, numpy tensor) for each layer of each target: lora_A [r, in] and lora_B [out, r],
+    flattened like the kernel so that (alpha / r) * lora_B @ lora_A is `_to_hf` of our delta
+    [*in, *out], the Hugging Face weight's change [out, in]. Collective like `_hf_tensors`."""
+    for target in lora_cfg.targets:
+        kernel = _target_tensor(model_cfg, target)
+        # a [*in, r] -> [r, in] as the kernel's input side; b [r, *out] -> [out, r] as its output side
+        sides = {"lora_A": (kernel, adapters[target]["a"]),
+                 "lora_B": (dataclasses.replace(kernel, linear_fan_in_dims=1), adapters[target]["b"])}
+        for i in range(model_cfg.num_layers):
+            module = PEFT_PREFIX + _module_name(kernel).format(i=i)
+            for side, (tensor, leaf) in sides.items():
+                yield f"{module}.{side}.weight", _to_hf(tensor, sharding.to_host(leaf[i]))
+
+
+def _adapter_config(model_cfg: ModelConfig, lora_cfg: LoraConfig, base_model_path) -> dict:
+    """adapter_config.json: a plain LoRA (no bias, rslora, dora or dropout) on the targets' modules,
+    named by their last component ("q_proj") as PEFT's own configs name them."""
+    modules = [_module_name(_target_tensor(model_cfg, target)).rsplit(".", 1)[-1] for target in lora_cfg.targets]
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora_cfg.rank, "lora_alpha": lora_cfg.alpha,
+            "lora_dropout": lora_cfg.dropout, "target_modules": modules, "bias": "none", "fan_in_fan_out": False,
+            "use_rslora": False, "use_dora": False, "modules_to_save": None, "inference_mode": True,
+            "base_model_name_or_path": None if base_model_path is None else os.fspath(base_model_path)}
+
+
+def save_adapter(model_cfg: ModelConfig, lora_cfg: LoraConfig, adapters: dict, out_dir,
+                 base_model_path=None) -> None:
+    """Write `adapters` ({target: {"a": [L, *in, r], "b": [L, r, *out]}}, spacejax.lora) alone in
+    PEFT's format: adapter_model.safetensors and adapter_config.json, which
+    `peft.PeftModel.from_pretrained(base, out_dir)` loads onto the base checkpoint (recorded as
+    `base_model_name_or_path`). `out_dir`: a local directory or a gs:// URL.
+
+    Every process calls it (adapters sharded across processes are gathered); process 0 writes.
+    Files are assembled in a staging directory and moved in, adapter_config.json last after the
+    previous one is removed: a directory with adapter_config.json holds a complete adapter.
+    """
+    if set(adapters) != set(lora_cfg.targets):
+        raise ValueError(f"adapters for {sorted(adapters)} do not match lora.targets {list(lora_cfg.targets)}")
+    out_dir = storage.location(out_dir)
+    writer = jax.process_index() == 0
+    staging = Path(storage.staging_dir(out_dir)) if writer else None
+    try:
+        tensors = dict(_peft_tensors(model_cfg, lora_cfg, adapters))  # every process takes part in every gather
+        if not writer:
+            return
+        save_file(tensors, staging / ADAPTER_WEIGHTS_FILE, metadata={"format": "pt"})
+        (staging / ADAPTER_CONFIG_FILE).write_text(json.dumps(_adapter_config(model_cfg, lora_cfg, base_model_path),
+                                                              indent=2))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / ADAPTER_CONFIG_FILE).unlink(missing_ok=True)
+        for name in (ADAPTER_WEIGHTS_FILE, ADAPTER_CONFIG_FILE):
+            storage.put_file(staging / name, out_dir / name)
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)

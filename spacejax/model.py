@@ -273,14 +273,34 @@ class Transformer(nn.Module):
         return logits.astype(jnp.float32), cache
 
     def _layer_stack(self):
-        """The decoder layers as one scanned module over params stacked on a leading axis."""
-        block = Block
+        """The decoder layers as one scanned module over params stacked on a leading axis. A layer
+        whose projections carry low-rank factors (`lora.attach`) merges them into its kernels as
+        the layer runs, so only one layer's merged kernels exist at a time."""
+        block = nn.map_variables(Block, "params", trans_in_fn=_merge_low_rank, init=True)
         if self.cfg.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
         return nn.scan(
             block, variable_axes={"params": 0}, split_rngs={"params": True},
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=self.cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(self.cfg, name="layers")
+
+
+LOW_RANK = ("lora_a", "lora_b")  # factors beside a kernel: kernel + lora_a @ lora_b (the scale folded into b)
+
+
+def _merge_low_rank(variables: dict) -> dict:
+    """One layer's params with every kernel that has factors beside it replaced by kernel + a b
+    (a [*in, r], b [r, *out]: summed in float32, stored in the kernel's dtype) and the factors
+    removed; params without factors pass through."""
+    if not isinstance(variables, dict):
+        return variables
+    if LOW_RANK[0] in variables:
+        a, b = (variables[name].astype(jnp.float32) for name in LOW_RANK)
+        kernel = variables["kernel"]
+        product = jnp.tensordot(a, b, axes=1)
+        rest = {k: v for k, v in variables.items() if k not in LOW_RANK}
+        return {**rest, "kernel": (kernel.astype(jnp.float32) + product).astype(kernel.dtype)}
+    return {key: _merge_low_rank(value) for key, value in variables.items()}
 
 
 def init(cfg: ModelConfig, rng: jax.Array) -> dict:

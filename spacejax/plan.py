@@ -66,11 +66,19 @@ r = sampler.batch_size rows / (data x fsdp). `sampler.generate` decodes on `mode
 the stacked layer weights split into one array per layer, a copy of them at their per-device
 size (the embedding, final norm and head are the params' own arrays).
 
-Assumptions: activations are split over (data, fsdp) as DESIGN.md's rules say; the optimizer
-state is sharded like the params; the step's loss is computed at the longest bucket L =
-data.max_length (shorter buckets need less); the update's elementwise temporaries fuse in
-place. XLA on TPU fuses elementwise work into matmuls more aggressively than XLA:CPU, so the
-activation terms, checked on CPU, are on the safe side there.
+LoRA (`lora.rank` set, spacejax.lora): the train state is the adapters', so the train step holds
+
+    params (the base, model.param_dtype, fixed) + adapters (float32 [L, *in, r] and [L, r, *out],
+    sharded like `lora.logical_axes`) + optimizer state and gradients of the adapters only
+    + merged kernels + activations as above
+
+where merged kernels = (T / L)(p + 4): one layer's share of the T elements of the target kernels,
+once in the param dtype (each layer merges kernel + (alpha / r) a b as it runs: `lora.attach`,
+`model._merge_low_rank`) and once as its float32 cotangent in the backward. Generation and scoring
+run on the base (theta_t). Against XLA's compiled memory the LoRA estimate is 0.99 on the
+throughput model (benchmarks/BENCHMARKS.md) and 1.09 on the 7B recipe on one device; on a tiny
+model whose layer weights outweigh its activations it is conservative (up to ~1.6x: the
+activation terms count the full step's per-layer backward workspace, which LoRA's does not fill).
 """
 
 from __future__ import annotations
@@ -83,7 +91,7 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
-from spacejax import axes, config, losses, model, sharding, train
+from spacejax import axes, config, lora, losses, model, sharding, train
 from spacejax.config import ConfigError, ModelConfig, RunConfig
 
 GIB = 2**30
@@ -121,6 +129,22 @@ def state_shardings(cfg: RunConfig, mesh):
     state = jax.eval_shape(lambda p: train.create_state(p, cfg.train), shapes)
     return state, train.state_shardings(cfg.train, shapes, sharding.param_shardings(cfg.model, mesh),
                                         NamedSharding(mesh, PartitionSpec()))
+
+
+def adapter_state_shardings(cfg: RunConfig, mesh):
+    """Under LoRA, (abstract TrainState of the adapters, its shardings), as `trainer.LowRankAdapter`
+    and `trainer.Trainer` place them: adapters by `lora.logical_axes`, their optimizer state alike."""
+    shapes = jax.eval_shape(lambda: lora.init(cfg.model, cfg.lora, jax.random.key(0)))
+    placed = sharding.tree_shardings(lora.logical_axes(cfg.model, cfg.lora), shapes, mesh)
+    state = jax.eval_shape(lambda p: train.create_state(p, cfg.train), shapes)
+    return state, train.state_shardings(cfg.train, shapes, placed, NamedSharding(mesh, PartitionSpec()))
+
+
+def target_kernel_elements(cfg: RunConfig, mesh) -> int:
+    """Per-device elements of the kernels LoRA adapts (`cfg.lora.targets`), placed like the params."""
+    shapes, placed = model.param_shapes(cfg.model), sharding.param_shardings(cfg.model, mesh)
+    return sum(int(math.prod(lora._get(placed, path).shard_shape(lora._get(shapes, path).shape)))
+               for path, _ in (lora.TARGETS[t] for t in cfg.lora.targets))
 
 
 def tree_bytes(shapes, shardings) -> int:
@@ -276,16 +300,24 @@ def prompt_bucket(cfg: RunConfig) -> int:
 
 def train_step_phase(cfg: RunConfig, mesh) -> dict[str, float]:
     """Per-device bytes of the jitted train step by consumer (params included)."""
-    state, shardings = state_shardings(cfg, mesh)
-    params = tree_bytes(state.params, shardings.params)
     rows, length, m = train_rows(cfg), cfg.data.max_length, cfg.model
+    accumulators = 1 if cfg.train.grad_accum_steps == 1 else 2  # the gradient + the accumulator
+    if cfg.lora.enabled:  # the state is the adapters'; the base is a fixed argument of the step
+        state, shardings = adapter_state_shardings(cfg, mesh)
+        params, trained = param_bytes(m, mesh), tree_bytes(state.params, shardings.params)
+        one_layer = target_kernel_elements(cfg, mesh) / m.num_layers
+        extra = {"adapters": trained, "merged kernels": one_layer * (np.dtype(m.param_dtype).itemsize + SCORE_BYTES)}
+    else:
+        state, shardings = state_shardings(cfg, mesh)
+        params = trained = tree_bytes(state.params, shardings.params)
+        extra = {}
     u = units(m, mesh, rows, length)
     saved = m.num_layers * saved_per_layer(u, m.remat)
     workspace = backward_workspace(u, m.remat)
     logits = logits_bytes(m, mesh, rows, length, backward=True)
-    return {"params": params,
+    return {"params": params, **extra,
             "optimizer state": tree_bytes(state.opt_state, shardings.opt_state),
-            "gradients": params * (1 if cfg.train.grad_accum_steps == 1 else 2),  # + the accumulator
+            "gradients": trained * accumulators,
             "activations": saved + workspace,
             "logits/loss": logits,
             "activation peak": saved + max(workspace, logits)}
@@ -293,9 +325,11 @@ def train_step_phase(cfg: RunConfig, mesh) -> dict[str, float]:
 
 def train_step_bytes(cfg: RunConfig, mesh) -> float:
     """The train step's per-device peak: params + optimizer state + gradients + saved
-    activations + max(one layer's backward workspace, logits/loss)."""
+    activations + max(one layer's backward workspace, logits/loss); under LoRA also the adapters
+    and the merged kernels (the optimizer state and gradients are the adapters')."""
     phase = train_step_phase(cfg, mesh)
-    return phase["params"] + phase["optimizer state"] + phase["gradients"] + phase["activation peak"]
+    return sum(phase.get(name, 0) for name in ("params", "adapters", "merged kernels", "optimizer state",
+                                               "gradients", "activation peak"))
 
 
 def scoring_phase(cfg: RunConfig, mesh) -> dict[str, float]:
@@ -346,10 +380,21 @@ def make_plan(cfg: RunConfig, devices: int, hbm_gib: float) -> Plan:
     rows, length = train_rows(cfg), cfg.data.max_length
     slots = prompt_bucket(cfg) - 1 + cfg.sampler.max_new_tokens
     per_device = lambda n: f"{_split(n, batch_shards):g}"  # noqa: E731
-    consumers = (
-        Consumer("params", t["params"], "all", f"{cfg.model.param_dtype}, resident in every phase"),
-        Consumer("optimizer state", t["optimizer state"], "train", f"{cfg.train.optimizer}, sharded like params"),
-        Consumer("gradients", t["gradients"], "train", cfg.model.param_dtype),
+    if cfg.lora.enabled:
+        targets = ", ".join(cfg.lora.targets)
+        trained = (
+            Consumer("params", t["params"], "all", f"the base, {cfg.model.param_dtype}, fixed; resident in every phase"),
+            Consumer("adapters", t["adapters"], "train", f"LoRA rank {cfg.lora.rank} on {targets}, float32"),
+            Consumer("optimizer state", t["optimizer state"], "train", f"{cfg.train.optimizer}, on the adapters only"),
+            Consumer("gradients", t["gradients"], "train", "of the adapters only, float32"),
+            Consumer("merged kernels", t["merged kernels"], "train",
+                     f"one layer's target kernels + delta ({cfg.model.param_dtype}) and their float32 gradient"))
+    else:
+        trained = (
+            Consumer("params", t["params"], "all", f"{cfg.model.param_dtype}, resident in every phase"),
+            Consumer("optimizer state", t["optimizer state"], "train", f"{cfg.train.optimizer}, sharded like params"),
+            Consumer("gradients", t["gradients"], "train", cfg.model.param_dtype))
+    consumers = trained + (
         Consumer("activations", t["activations"], "train",
                  f"remat {cfg.model.remat}: {cfg.model.num_layers} layers' saved + 1 layer's backward, "
                  f"{rows} rows x {length} ({per_device(rows)} per device)"),

@@ -241,26 +241,28 @@ def make_train_step(objective: Objective, cfg: TrainConfig, trainable=None) -> C
     serves every phase of the same optimizer, batch shape and loss kind. The batch is split into
     `cfg.grad_accum_steps` micro-batches whose gradients and metrics are averaged. A step whose
     loss, gradient or updated params are not finite leaves params and optimizer state unchanged
-    and is counted in `nonfinite_in_a_row`. `trainable`: see `make_optimizer`."""
+    and is counted in `nonfinite_in_a_row`. `trainable`: see `make_optimizer`. Arguments after
+    `hyper` (`constants`, e.g. the fixed base under LoRA) go to the objective after its
+    hyperparameters and get no gradient."""
     value_and_grad = jax.value_and_grad(objective, has_aux=True)
     accum_steps = cfg.grad_accum_steps
 
-    def accumulate(params, batch, loss_hyper):
+    def accumulate(params, batch, loss_hyper, constants):
         def body(carry, micro):
-            (loss, metrics), grads = value_and_grad(params, micro, loss_hyper)
+            (loss, metrics), grads = value_and_grad(params, micro, loss_hyper, *constants)
             return jax.tree.map(jnp.add, carry, (loss, metrics, grads)), None
 
         micro = _micro_batches(batch, accum_steps)
         first = jax.tree.map(lambda x: x[0], micro)
-        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(value_and_grad, params, first, loss_hyper))
+        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(value_and_grad, params, first, loss_hyper, *constants))
         (loss, metrics), grads = zeros
         (loss, metrics, grads), _ = jax.lax.scan(body, (loss, metrics, grads), micro)
         return jax.tree.map(lambda x: x / accum_steps, (loss, metrics, grads))
 
-    def step(state: TrainState, batch: Batch, hyper: Hyperparameters):
+    def step(state: TrainState, batch: Batch, hyper: Hyperparameters, *constants):
         schedule = learning_rate_schedule(cfg.schedule, hyper)
         optimizer = make_optimizer(cfg, schedule, trainable)
-        loss, metrics, grads = accumulate(state.params, batch, hyper.loss)
+        loss, metrics, grads = accumulate(state.params, batch, hyper.loss, constants)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

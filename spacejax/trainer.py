@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import signal
 import time
@@ -31,8 +32,8 @@ from typing import Callable, Optional, Sequence
 import jax
 import numpy as np
 
-from spacejax import checkpoint, metrics, sharding, train
-from spacejax.config import ConfigError, DataConfig, TrainConfig
+from spacejax import checkpoint, lora, metrics, sharding, train
+from spacejax.config import ConfigError, DataConfig, LoraConfig, ModelConfig, TrainConfig
 from spacejax.pairs import Pairs
 
 log = logging.getLogger(__name__)
@@ -77,9 +78,11 @@ def phase_name(iteration: int) -> str:
 @dataclasses.dataclass(frozen=True)
 class Fitted:
     state: train.TrainState  # on device: `fit` itself never waits for it
+    params: object  # the phase's resulting params: state.params, or under LoRA the base + adapter merge
 
     @property
-    def params(self):
+    def adapter(self):
+        """Under LoRA, the phase's trained adapter (the state's params)."""
         return self.state.params
 
     @property
@@ -129,21 +132,24 @@ class Trainer:
     the leaves it accepts (the others stay bitwise as they came in); None trains all."""
 
     def __init__(self, mesh, data_cfg: DataConfig, seed: int, pad_id: int, hooks: Sequence[Hook] = (),
-                 trainable: Optional[Callable] = None):
+                 trainable: Optional[Callable] = None, adapter: Optional["LowRankAdapter"] = None):
         self.mesh, self.data_cfg, self.seed, self.pad_id = mesh, data_cfg, seed, pad_id
         self.hooks = list(hooks)
-        self.trainable = trainable
+        self.trainable, self.adapter = trainable, adapter
         self._compiled: dict = {}
 
     def fit(self, params, pairs: Pairs, objective: Objective, phase: Phase) -> Fitted:
+        """Train `params` (or, with an adapter, a fresh adapter over the fixed base `params`) on
+        `pairs` for the phase's epochs, resuming from its latest readable step checkpoint."""
         cfg = phase.train
         steps_per_epoch = len(pairs) // cfg.batch_size
         if steps_per_epoch == 0:
             raise ConfigError(f"train.batch_size ({cfg.batch_size}) exceeds the {len(pairs)} training pairs")
         total_steps = phase.epochs * steps_per_epoch
         hyper = train.hyperparameters(cfg, total_steps, objective.hyperparameters, peak=phase.learning_rate)
-        create_state, step_fn = self._steps(objective, cfg, params)
-        state, start = create_state(params), 0
+        trained, constants = (params, ()) if self.adapter is None else (self.adapter.fresh(phase.iteration), (params,))
+        create_state, step_fn = self._steps(objective, cfg, trained)
+        state, start = create_state(trained), 0
         restored = phase.checkpoints.restore_latest(state)
         if restored is not None:
             start, state = restored
@@ -160,7 +166,8 @@ class Trainer:
                     order = {epoch: np.random.default_rng([self.seed, phase.iteration + 1, epoch]).permutation(len(pairs))}
                 chosen = order[epoch][position * cfg.batch_size:(position + 1) * cfg.batch_size]
                 batch = pairs.select(chosen[local]).batch(length, self.pad_id)
-                state, step_metrics = step_fn(state, sharding.put_batch(batch, self.mesh, cfg.batch_size), hyper)
+                state, step_metrics = step_fn(state, sharding.put_batch(batch, self.mesh, cfg.batch_size), hyper,
+                                              *constants)
                 info = StepInfo(phase, step + 1, total_steps, epoch, state, step_metrics,
                                 pairs.select(chosen).num_tokens())
                 for hook in self.hooks:
@@ -168,7 +175,7 @@ class Trainer:
                         hook(info)
         finally:
             phase.checkpoints.close()
-        return Fitted(state)
+        return Fitted(state, state.params if self.adapter is None else self.adapter.merged(params, state.params))
 
     def _steps(self, objective: Objective, cfg: TrainConfig, params):
         """(create_state, train_step), jitted once per objective and compiled train fields; the
@@ -182,11 +189,36 @@ class Trainer:
             mask = (None if self.trainable is None
                     else jax.tree_util.tree_map_with_path(lambda path, leaf: bool(self.trainable(path, leaf)), shapes))
             placement = train.state_shardings(cfg, shapes, param_shardings, replicated, mask)
-            step = train.make_train_step(objective.fn, cfg, mask)
+            fn = objective.fn if self.adapter is None else self.adapter.objective(objective.fn)
+            step = train.make_train_step(fn, cfg, mask)
             self._compiled[key] = (jax.jit(lambda params: train.create_state(params, cfg, mask),
                                            out_shardings=placement),
                                    jax.jit(step, donate_argnums=0, out_shardings=(placement, replicated)))
         return self._compiled[key]
+
+
+class LowRankAdapter:
+    """LoRA in the trainer (`spacejax.lora`): each phase trains a fresh adapter (zero B, A from
+    (seed, iteration)) while the params `fit` is given stay fixed as the base; the objective's
+    forward merges them layer by layer (`lora.attach`), and the phase's fitted params are base +
+    delta merged in float32 (`lora.merged`)."""
+
+    def __init__(self, model_cfg: ModelConfig, cfg: LoraConfig, mesh, seed: int, param_shardings):
+        self.model_cfg, self.cfg, self.seed = model_cfg, cfg, seed
+        shapes = jax.eval_shape(lambda: lora.init(model_cfg, cfg, jax.random.key(0)))
+        self.shardings = sharding.tree_shardings(lora.logical_axes(model_cfg, cfg), shapes, mesh)
+        self._init = jax.jit(lambda key: lora.init(model_cfg, cfg, key), out_shardings=self.shardings)
+        self._merged = jax.jit(functools.partial(lora.merged, cfg), out_shardings=param_shardings)
+
+    def fresh(self, iteration: int):
+        return self._init(jax.random.fold_in(jax.random.key(self.seed), iteration + 1))
+
+    def objective(self, fn: train.Objective) -> Callable:
+        """fn(params, batch, hyper) -> fn'(adapters, batch, hyper, base): differentiated in the adapters only."""
+        return lambda adapters, batch, hyper, base: fn(lora.attach(self.cfg, base, adapters), batch, hyper)
+
+    def merged(self, base, adapters):
+        return self._merged(base, adapters)
 
 
 # ----------------------------------------------------------------------------------- hooks

@@ -297,9 +297,40 @@ class CheckpointConfig:
     every_steps: int = 100  # Orbax save of the train state inside an iteration
     keep: int = 2
     export_hf: bool = False  # also write workdir/hf/iter_XXX/ after each iteration
+    export_adapter: bool = False  # with lora: also hf/iter_XXX_adapter/ (PEFT) and hf/theta_0/ (needs export_hf)
 
     def __post_init__(self):
         positive("checkpoint", self, "every_steps", "keep")
+
+
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters (spacejax.lora): `rank` null is off; a rank turns them on for `targets`
+    (all seven projections by default). Adapters train, the base stays fixed within an iteration,
+    and at its end the adapter is merged into the base in float32."""
+
+    rank: Optional[int] = None
+    alpha: float = 16.0  # the delta is (alpha / rank) * A B
+    dropout: float = 0.0  # must be 0: the adapter is merged into the weights for the forward
+    targets: tuple[str, ...] = LORA_TARGETS
+
+    def __post_init__(self):
+        if self.rank is not None:
+            positive("lora", self, "rank", "alpha")
+        for target in self.targets:
+            check_choice("lora.targets entry", target, LORA_TARGETS)
+        if not self.targets:
+            raise ConfigError("lora.targets must name at least one projection")
+        if self.dropout != 0:
+            raise ConfigError(f"lora.dropout must be 0 (got {self.dropout}): spacejax runs the forward on the merged "
+                              "weights, where dropout on the adapter's input does not exist")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank is not None
 
 
 TRACKERS = ("jsonl", "tensorboard", "wandb")
@@ -350,8 +381,12 @@ class RunConfig:
     selfplay: SelfPlayConfig = SelfPlayConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     tracking: TrackingConfig = TrackingConfig()
+    lora: LoraConfig = LoraConfig()
 
     def __post_init__(self):
+        if self.checkpoint.export_adapter and not (self.lora.enabled and self.checkpoint.export_hf):
+            raise ConfigError("checkpoint.export_adapter needs lora.rank set and checkpoint.export_hf=true (an "
+                              "iteration's adapter is exported against the previous iteration's export)")
         for change in self.selfplay.from_iteration:  # every scheduled value is checked at load time
             try:
                 with_overrides(self, [parse_scheduled(change)[1]])

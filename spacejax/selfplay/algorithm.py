@@ -32,7 +32,7 @@ def self_play(cfg: RunConfig, parts: Parts) -> dict:
                       store.checkpoints(SFT_ITERATION))
         fitted = trainer.fit(theta, Pairs.real_only(task.train), parts.sft_objective, phase)
         evaluation = {**evaluate(parts.evaluators, fitted.params, Context(None, cfg)), **fitted.summary}
-        store.finish(SFT_ITERATION, fitted.params, evaluation, fitted.steps)
+        store.finish(SFT_ITERATION, fitted, evaluation)
         theta = fitted.params
     for t in range(cfg.selfplay.iterations):
         now = config.at_iteration(cfg, t)  # this iteration's lr, beta, ... (selfplay.from_iteration)
@@ -50,7 +50,7 @@ def self_play(cfg: RunConfig, parts: Parts) -> dict:
         player = trainer.fit(theta, pairs.train, parts.pair_objective(now), phase)
         evaluation = {**evaluate(parts.evaluators, player.params, Context(pairs.eval, now)), **player.summary,
                       "eval/generation_length": float(np.mean(pairs.generated_lengths()))}
-        store.finish(t, player.params, evaluation, player.steps)
+        store.finish(t, player, evaluation, opponent=theta)
         theta, previous = player.params, pairs.new if cfg.selfplay.mix_previous else None
     return evaluation
 

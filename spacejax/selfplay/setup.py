@@ -7,7 +7,7 @@ from typing import Callable
 
 import jax
 
-from spacejax import checkpoint, config, hf, losses, model, sampler, sharding, toy, train, trainer
+from spacejax import checkpoint, config, hf, lora, losses, model, sampler, sharding, toy, train, trainer
 from spacejax.config import ConfigError, RunConfig
 from spacejax.scoring import Scorer
 from spacejax.selfplay import evaluators as evaluators_module
@@ -48,6 +48,8 @@ def check(cfg: RunConfig) -> None:
         if cfg.init_from is None and cfg.model.vocab_size < vocab:
             raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) must be at least the toy task's "
                               f"vocabulary ({vocab})")
+    if cfg.lora.enabled and cfg.init_from is None:  # else once init_from's architecture is read
+        lora.check_rank(cfg.model, cfg.lora)
     evaluators_module.check(cfg)
 
 
@@ -96,7 +98,11 @@ def setup(cfg: RunConfig, workdir) -> Parts:
     preemption = trainer.StopOnSigterm(cfg.checkpoint.every_steps)
     hooks = [trainer.LogMetrics(store.log), trainer.StopOnNonFinite(cfg.checkpoint.every_steps),
              trainer.SaveCheckpoints(cfg.checkpoint.every_steps), preemption, trainer.ShowProgress()]
-    fitter = trainer.Trainer(mesh, cfg.data, cfg.seed, task.pad_id, hooks)
+    adapter = None
+    if cfg.lora.enabled:
+        lora.check_rank(model_cfg, cfg.lora)
+        adapter = trainer.LowRankAdapter(model_cfg, cfg.lora, mesh, cfg.seed, store.param_shardings)
+    fitter = trainer.Trainer(mesh, cfg.data, cfg.seed, task.pad_id, hooks, adapter=adapter)
     pair_fn = {}
 
     def pair_objective(phase_cfg: RunConfig) -> trainer.Objective:

@@ -11,7 +11,9 @@
     workdir/iter_000/unreadable/<step>/  a step checkpoint that failed to restore, set aside
     workdir/iter_000/final/           params of theta_1 (the next opponent)
     workdir/iter_000/eval.json  DONE  DONE is written last: the iteration is complete
-    workdir/hf/iter_000/              optional Hugging Face export
+    workdir/hf/iter_000/              optional Hugging Face export of theta_1
+    workdir/hf/iter_000_adapter/      optional: the LoRA adapter in PEFT's format, against
+    workdir/hf/theta_0/               its base (iteration t's base is hf/iter_{t-1}/)
 
 The algorithm asks the store: is phase t done (`done`), its final params (`final`), its evaluation
 (`evaluation`), its samples if they were made (`samples`), its step checkpoints (`checkpoints`);
@@ -120,20 +122,33 @@ class RunStore:
         return checkpoint.TrainCheckpoints(self.phase_dir(iteration), keep=self.cfg.checkpoint.keep,
                                            before_save=self.log.flush)
 
-    def finish(self, iteration: int, params, evaluation: dict, steps: int) -> None:
-        """Save the phase's final params and evaluation, log them after its `steps` steps, and
-        write DONE last."""
+    def finish(self, iteration: int, fitted, evaluation: dict, opponent=None) -> None:
+        """Save the phase's final params (`fitted`: a trainer.Fitted) and evaluation, log them after
+        its steps, and write DONE last. Exports: the final params as a Hugging Face model, and under
+        LoRA with `checkpoint.export_adapter` the phase's adapter in PEFT's format against the model
+        it was trained on (`opponent`, theta_t: exported too at iteration 0)."""
         phase_dir = self.phase_dir(iteration)
         final = phase_dir / "final"
         if not checkpoint.is_params_checkpoint(final):
-            checkpoint.save_params(final, self.model_cfg, params)
-        if self.cfg.checkpoint.export_hf and iteration >= 0:  # every process: it gathers the params
-            hf.save(self.model_cfg, params, self.workdir / "hf" / phase_dir.name, tokenizer=self.tokenizer)
+            checkpoint.save_params(final, self.model_cfg, fitted.params)
+        if self.cfg.checkpoint.export_hf and iteration >= 0:  # every process: the exports gather the params
+            hf.save(self.model_cfg, fitted.params, self.hf_dir(iteration), tokenizer=self.tokenizer)
+        if self.cfg.checkpoint.export_adapter and iteration >= 0:
+            base = self.hf_dir(iteration - 1)
+            if iteration == 0:
+                hf.save(self.model_cfg, opponent, base, tokenizer=self.tokenizer)
+            hf.save_adapter(self.model_cfg, self.cfg.lora, fitted.adapter, f"{self.hf_dir(iteration)}_adapter",
+                            base_model_path=str(base))
         if jax.process_index() == 0:
             storage.write_atomic(phase_dir / EVAL_FILE, json.dumps(evaluation, indent=2))
-        self.log.write({"iteration": iteration, "step": steps, "event": f"{phase_name(iteration)}_end", **evaluation})
+        self.log.write({"iteration": iteration, "step": fitted.steps, "event": f"{phase_name(iteration)}_end",
+                        **evaluation})
         self.log.flush()
         checkpoint.mark_done(phase_dir)
+
+    def hf_dir(self, iteration: int):
+        """workdir/hf/iter_XXX/: the Hugging Face export of theta_{t+1}; hf/theta_0/ for iteration -1."""
+        return self.workdir / "hf" / ("theta_0" if iteration < 0 else self.phase_dir(iteration).name)
 
     def close(self) -> None:
         self.log.close()
