@@ -26,7 +26,6 @@ factors in exactly this form. Dropout on the adapter's input does not exist in t
 from __future__ import annotations
 
 import math
-import string
 
 import jax
 import jax.numpy as jnp
@@ -91,17 +90,6 @@ def logical_axes(model_cfg: ModelConfig, cfg: LoraConfig) -> dict:
     return axes
 
 
-def delta(cfg: LoraConfig, factors: dict) -> jax.Array:
-    """(alpha / rank) * a b: [L, *in, r] x [L, r, *out] -> [L, *in, *out], in float32."""
-    a, b = factors["a"], factors["b"]
-    letters = iter(string.ascii_lowercase[2:])
-    in_names = "".join(next(letters) for _ in range(a.ndim - 2))
-    out_names = "".join(next(letters) for _ in range(b.ndim - 2))
-    product = jnp.einsum(f"l{in_names}r,lr{out_names}->l{in_names}{out_names}", a.astype(jnp.float32),
-                         b.astype(jnp.float32))
-    return (cfg.alpha / cfg.rank) * product
-
-
 def attach(cfg: LoraConfig, base: dict, adapters: dict) -> dict:
     """The params the forward trains through: the base with each target's factors beside its
     kernel (`model.LOW_RANK`: a, and b scaled by alpha / rank), which each layer of the model
@@ -116,13 +104,9 @@ def attach(cfg: LoraConfig, base: dict, adapters: dict) -> dict:
 
 def merged(cfg: LoraConfig, base: dict, adapters: dict) -> dict:
     """theta_{t+1}: the base with each target kernel + its delta, added in float32 and stored in
-    the kernel's dtype."""
-    params = base
-    for target, factors in adapters.items():
-        path = TARGETS[target][0]
-        kernel = _get(base, path)
-        params = _replace(params, path, (kernel.astype(jnp.float32) + delta(cfg, factors)).astype(kernel.dtype))
-    return params
+    the kernel's dtype: the forward's own per-layer merge (`model.merge_low_rank`), over every layer."""
+    attached = attach(cfg, base, adapters)
+    return {**attached, "layers": jax.vmap(model.merge_low_rank)(attached["layers"])}
 
 
 def check_rank(model_cfg: ModelConfig, cfg: LoraConfig) -> None:

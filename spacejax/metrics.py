@@ -54,6 +54,7 @@ class MetricsWriter:
         self.remote = storage.is_remote(self.workdir)
         self.enabled = jax.process_index() == 0
         self.buffer: list[str] = []
+        self.next_segment = None  # on gs://: the number of the next segment, listed once (and after a rewind)
         self.flushed_at = time.monotonic()
         self.trackers = trackers
 
@@ -74,9 +75,11 @@ class MetricsWriter:
     def flush(self) -> None:
         """Write the buffered records as the next segment (gs://; local records are already written)."""
         if self.enabled and self.buffer:
-            segments = _segments(self.workdir)
-            number = int(segments[-1].stem) + 1 if segments else 0
-            storage.write_atomic(self.workdir / SEGMENTS_DIR / f"{number:08d}.jsonl", "".join(self.buffer))
+            if self.next_segment is None:
+                segments = _segments(self.workdir)
+                self.next_segment = int(segments[-1].stem) + 1 if segments else 0
+            storage.write_atomic(self.workdir / SEGMENTS_DIR / f"{self.next_segment:08d}.jsonl", "".join(self.buffer))
+            self.next_segment += 1
             self.buffer = []
         if self.trackers is not None:
             self.trackers.flush()
@@ -97,12 +100,14 @@ class MetricsWriter:
             self.trackers.drop_after(iteration, step)
         resume_point = (iteration, step, False)
         for path in reversed(_log_files(self.workdir)):
-            lines = _complete_lines(path)
+            text = path.read_text()
+            lines = _complete_lines(text)
             kept = [line for line in lines if _order(json.loads(line)) <= resume_point]
             if not kept and self.remote:
                 path.unlink()
-            elif len(kept) < len(lines) or not path.read_text().endswith("\n"):
+            elif len(kept) < len(lines) or not text.endswith("\n"):
                 storage.write_atomic(path, "".join(line + "\n" for line in kept))
+        self.next_segment = None  # segments may have gone
 
 
 def _order(record: dict) -> tuple[int, int, bool]:
@@ -124,10 +129,10 @@ def _log_files(workdir) -> list:
     return [path] if path.exists() else []
 
 
-def _complete_lines(path) -> list[str]:
-    """The newline-terminated lines of `path`: a last line without its newline is a record still
-    being written, or one a kill cut short, and is left out."""
-    return path.read_text().split("\n")[:-1]
+def _complete_lines(text: str) -> list[str]:
+    """The newline-terminated lines of a log file's text: a last line without its newline is a
+    record still being written, or one a kill cut short, and is left out."""
+    return text.split("\n")[:-1]
 
 
 def log_path(workdir) -> str:
@@ -142,7 +147,7 @@ def has_log(workdir) -> bool:
 
 def read(workdir) -> list[dict]:
     """Every complete record of the workdir's log, in order ([] before the first)."""
-    return [json.loads(line) for path in _log_files(workdir) for line in _complete_lines(path)]
+    return [json.loads(line) for path in _log_files(workdir) for line in _complete_lines(path.read_text())]
 
 
 def progress(iterable: Optional[Iterable] = None, total: Optional[int] = None, desc: str = "",

@@ -276,7 +276,7 @@ class Transformer(nn.Module):
         """The decoder layers as one scanned module over params stacked on a leading axis. A layer
         whose projections carry low-rank factors (`lora.attach`) merges them into its kernels as
         the layer runs, so only one layer's merged kernels exist at a time."""
-        block = nn.map_variables(Block, "params", trans_in_fn=_merge_low_rank, init=True)
+        block = nn.map_variables(Block, "params", trans_in_fn=merge_low_rank, init=True)
         if self.cfg.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
         return nn.scan(
@@ -288,7 +288,7 @@ class Transformer(nn.Module):
 LOW_RANK = ("lora_a", "lora_b")  # factors beside a kernel: kernel + lora_a @ lora_b (the scale folded into b)
 
 
-def _merge_low_rank(variables: dict) -> dict:
+def merge_low_rank(variables: dict) -> dict:
     """One layer's params with every kernel that has factors beside it replaced by kernel + a b
     (a [*in, r], b [r, *out]: summed in float32, stored in the kernel's dtype) and the factors
     removed; params without factors pass through."""
@@ -300,7 +300,7 @@ def _merge_low_rank(variables: dict) -> dict:
         product = jnp.tensordot(a, b, axes=1)
         rest = {k: v for k, v in variables.items() if k not in LOW_RANK}
         return {**rest, "kernel": (kernel.astype(jnp.float32) + product).astype(kernel.dtype)}
-    return {key: _merge_low_rank(value) for key, value in variables.items()}
+    return {key: merge_low_rank(value) for key, value in variables.items()}
 
 
 def init(cfg: ModelConfig, rng: jax.Array) -> dict:

@@ -74,7 +74,7 @@ LoRA (`lora.rank` set, spacejax.lora): the train state is the adapters', so the 
 
 where merged kernels = (T / L)(p + 4): one layer's share of the T elements of the target kernels,
 once in the param dtype (each layer merges kernel + (alpha / r) a b as it runs: `lora.attach`,
-`model._merge_low_rank`) and once as its float32 cotangent in the backward. Generation and scoring
+`model.merge_low_rank`) and once as its float32 cotangent in the backward. Generation and scoring
 run on the base (theta_t). Against XLA's compiled memory the LoRA estimate is 0.99 on the
 throughput model (benchmarks/BENCHMARKS.md) and 1.09 on the 7B recipe on one device; on a tiny
 model whose layer weights outweigh its activations it is conservative (up to ~1.6x: the

@@ -83,7 +83,8 @@ class RunStore:
             storage.write_atomic(self.workdir / PROVENANCE_DIR / name, json.dumps(launch, indent=2))
         trackers = tracking.open_trackers(
             cfg.tracking, events_dir=self.workdir / "events", wandb_id_path=self.workdir / WANDB_ID_FILE,
-            run_config=config.to_dict(cfg), provenance=launch, records=metrics.read(self.workdir),
+            run_config=config.to_dict(cfg), provenance=launch,
+            records=metrics.read(self.workdir) if set(cfg.tracking.kinds) - {"jsonl"} else (),  # their clock's start
             wandb_dir=None if storage.is_remote(self.workdir) else self.workdir)
         self.log = metrics.MetricsWriter(self.workdir, trackers)
 
