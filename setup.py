@@ -24,6 +24,7 @@ setup(
         "numpy>=1.26",
         "pyarrow>=15",
         "pyyaml>=6",
+        "jinja2>=3.1",  # chat templates (transformers renders them with it; spacejax names their errors)
         "tqdm>=4.66",
         "matplotlib>=3.8",
     ],

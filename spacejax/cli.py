@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 import shlex
 import sys
 
+import jinja2
+import yaml
 from absl import logging as absl_logging
+from safetensors import SafetensorError
 
 from spacejax import bench, checkpoint, config, hf, metrics, plan, sampler, selfplay, sharding, storage
 
@@ -15,26 +20,45 @@ from spacejax import bench, checkpoint, config, hf, metrics, plan, sampler, self
 def convert(args: argparse.Namespace) -> None:
     """Hugging Face directory <-> spacejax params checkpoint (either side local or gs://)."""
     storage.check_usable(args.out)
+    out = storage.location(args.out)
     if args.from_hf:
+        if checkpoint.is_params_checkpoint(out):
+            raise FileExistsError(f"{out} already holds a checkpoint; choose another directory or delete it")
+        _check_out_dir(out)
         overrides = {"param_dtype": args.param_dtype} if args.param_dtype else {}
         cfg, params = hf.load(args.from_hf, **overrides)
-        checkpoint.save_params(args.out, cfg, params)
+        checkpoint.save_params(out, cfg, params)
     else:
+        _check_out_dir(out, "Hugging Face export (config.json and safetensors)", earlier=hf.is_export(out))
         cfg, params = checkpoint.load_params(args.to_hf)
-        hf.save(cfg, params, args.out, max_shard_bytes=int(args.max_shard_gib * 2**30))
-    print(f"wrote {args.out}")
+        hf.save(cfg, params, out, max_shard_bytes=int(args.max_shard_gib * 2**30))
+        for name in hf.unreferenced_weight_files(out):  # shards of an earlier export that this one lacks
+            (out / name).unlink(missing_ok=True)
+    print(f"wrote {out}")
 
 
-def train(args: argparse.Namespace) -> None:
-    """Run, or resume, the self-play loop of a config in a workdir."""
+def _check_out_dir(out, replaceable: str = "", earlier: bool = False) -> None:
+    """Before any work: --out DIR must be new or empty, or hold (`earlier`) an earlier output of
+    the `replaceable` kind, which the new one replaces; anything else is refused, so that no other
+    file is overwritten or mixed in."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; give a directory")
+    if out.exists() and not earlier and any(out.iterdir()):
+        holds = f" and holds no earlier {replaceable}" if replaceable else ""
+        raise FileExistsError(f"--out {out} is not empty{holds}; choose a new or empty directory")
+
+
+def train(args: argparse.Namespace) -> int:
+    """Run, or resume, the self-play loop of a config in a workdir; exit status PREEMPTED_EXIT (75)
+    when it stopped on SIGTERM with everything saved: re-running the same command resumes."""
     cfg = config.load(args.config, args.overrides)
     storage.check_usable(args.workdir)
     sharding.initialize(args.coordinator, args.num_processes, args.process_id)
     try:
         evaluation = selfplay.run(cfg, args.workdir)
     except selfplay.Preempted as stop:
-        print(f"spacejax train: {stop}")
-        return
+        print(f"spacejax train: {stop} (exit status {selfplay.PREEMPTED_EXIT})")
+        return selfplay.PREEMPTED_EXIT
     summary = ", ".join(f"{k}={v:.4g}" for k, v in evaluation.items() if k in SUMMARY_KEYS)
     print(f"done: {args.workdir} ({summary}); curves in {metrics.log_path(args.workdir)}")
 
@@ -47,7 +71,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 def generate(args: argparse.Namespace) -> None:
     """Sample completions for the prompts of a JSONL file; see `sampler.read_prompts` for rows."""
-    storage.check_usable(args.out)
+    _check_out_file(args.out, inputs={"--prompts": args.prompts})
     model_dir = storage.location(args.model)
     is_checkpoint = checkpoint.is_params_checkpoint(model_dir)
     if is_checkpoint:
@@ -74,6 +98,37 @@ def generate(args: argparse.Namespace) -> None:
     print(f"wrote {len(completions)} completions of {len(rows)} prompts to {args.out}")
 
 
+def _check_out_file(out, inputs: dict[str, str]) -> None:
+    """Before any work: the file --out will be written (atomically, replacing it) is none of
+    `inputs` ({flag: path}, however spelled), not a directory, and its folder can be made and
+    written (locally; a gs:// bucket through `storage.check_usable`)."""
+    storage.check_usable(out)
+    target = storage.location(out)
+    for flag, path in inputs.items():
+        if _same_file(target, storage.location(path)):
+            raise ValueError(f"--out {out} is the {flag} file; write the output to another file")
+    if target.is_dir():
+        raise IsADirectoryError(f"--out {target} is a directory; give the path of a file to write")
+    if not storage.is_remote(target):
+        folder = os.path.dirname(os.fspath(target))
+        while not os.path.exists(folder):
+            folder = os.path.dirname(folder)
+        if not os.path.isdir(folder):
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), folder)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), folder)
+
+
+def _same_file(a, b) -> bool:
+    """Whether two locations name one file: the same URL, or local paths equal once symlinks and
+    `..` are resolved (or the same inode: a hard link)."""
+    if storage.is_remote(a) or storage.is_remote(b):
+        return os.fspath(a) == os.fspath(b)
+    a, b = os.fspath(a), os.fspath(b)
+    return os.path.realpath(a) == os.path.realpath(b) or (
+        os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
+
+
 def plan_memory(args: argparse.Namespace) -> int:
     """Per-device memory of a config on N devices; exit status 1 when it does not fit."""
     estimate = plan.make_plan(config.load(args.config, args.overrides), args.devices, args.hbm_gib)
@@ -92,6 +147,7 @@ def bench_stability(args: argparse.Namespace) -> None:
 def bench_throughput(args: argparse.Namespace) -> None:
     """Tokens/s, MFU and roofline fractions of the train step, scoring and the sampler: a JSON file."""
     run_cfg = config.load(args.config or bench.throughput.DEFAULT_CONFIG, args.overrides)
+    _check_out_file(args.out, inputs={"--config": args.config or bench.throughput.DEFAULT_CONFIG})
     command = shlex.join(["spacejax", "bench", "throughput", "--out", str(args.out), *(
         ["--config", str(args.config)] if args.config else []),
         "--sampler-batches", ",".join(map(str, args.sampler_batches)), "--repeats", str(args.repeats),
@@ -114,11 +170,41 @@ def _int_list(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in text.split(",") if part)
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    """argv -> the parsed arguments of one command, whose overrides may stand on both sides of its
+    options (`train --config C a=1 --workdir W b=2`). The whole parser finds the command (and a
+    bench's benchmark) and answers --help and usage errors; the command's own parser then reads its
+    arguments with `parse_intermixed_args`, which argparse refuses on a parser with subparsers."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    found, unknown = parser.parse_known_args(argv)
+    command, rest = parser, argv
+    names = (found.command, found.benchmark) if found.command == "bench" else (found.command,)
+    for name in names:
+        # no option before a command name takes a value: the command is the first non-option
+        at = next(i for i, arg in enumerate(rest) if not arg.startswith("-"))
+        stray = [arg for arg in rest[:at] if arg in unknown]
+        if stray:
+            command.error(f"unrecognized arguments: {' '.join(stray)}")
+        command, rest = _subcommands(command).choices[name], rest[at + 1:]
+    top = dict(zip(("command", "benchmark"), names), debug=found.debug)
+    return command.parse_intermixed_args(rest, argparse.Namespace(**top))
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
+    (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return action
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spacejax", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also after the command)")
+    # --debug after the command too; unless given there, the top-level value stands
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    p = commands.add_parser("convert", help="Hugging Face checkpoint <-> spacejax params checkpoint")
+    p = commands.add_parser("convert", help="Hugging Face checkpoint <-> spacejax params checkpoint", parents=[debug])
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--from-hf", metavar="HF_DIR", help="a local Hugging Face model directory")
     source.add_argument("--to-hf", metavar="CKPT_DIR", help="a spacejax params checkpoint directory")
@@ -129,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --to-hf: split safetensors files above this size (GiB)")
     p.set_defaults(run=convert)
 
-    p = commands.add_parser("train", help="self-play fine-tuning; re-running the same command resumes")
+    p = commands.add_parser("train", help="self-play fine-tuning; re-running the same command resumes", parents=[debug])
     p.add_argument("--config", required=True, help="a YAML file of configs/")
     p.add_argument("--workdir", required=True, help="the run directory (config, metrics, checkpoints)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
@@ -140,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=train)
 
     p = commands.add_parser(
-        "generate", help="sample completions for a JSONL file of prompts",
+        "generate", help="sample completions for a JSONL file of prompts", parents=[debug],
         description="Rows of --prompts carry `prompt_ids` (token ids; no tokenizer needed), `messages` "
                     "(chat turns, rendered with the chat template and the generation prompt) or `prompt` "
                     "(text, rendered as a single user turn when the tokenizer has a chat template). "
@@ -160,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="rows generated together")
     p.set_defaults(run=generate)
 
-    p = commands.add_parser("plan", help="per-device memory and divisibility of a config on a topology")
+    p = commands.add_parser("plan", help="per-device memory and divisibility of a config on a topology", parents=[debug])
     p.add_argument("--config", required=True, help="a YAML file of configs/")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     p.add_argument("--devices", type=int, required=True, help="number of devices (chips)")
@@ -169,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("bench", help="benchmarks: `bench stability` (loss stability curves over seeds), "
                                           "`bench throughput` (tokens/s, MFU, roofline)")
     benchmarks = p.add_subparsers(dest="benchmark", required=True)
-    p = benchmarks.add_parser("stability", help="SPIN, SPACE, SFT from one theta_0 per seed: KL and loss curves")
+    p = benchmarks.add_parser("stability", help="SPIN, SPACE, SFT from one theta_0 per seed: KL and loss curves", parents=[debug])
     p.add_argument("--config", required=True, help="a YAML file of configs/ (configs/stability.yaml)")
     p.add_argument("--out", required=True, help="output directory (runs in OUT/seed_S/METHOD; resumes)")
     p.add_argument("--seeds", type=int, default=5, help="number of seeds (default 5)")
@@ -181,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=bench_stability)
     p = benchmarks.add_parser("throughput", help="tokens/s, MFU, decode roofline and memory of issue 8's model",
                               description=bench.throughput.__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              formatter_class=argparse.RawDescriptionHelpFormatter, parents=[debug])
     p.add_argument("--out", required=True, help="JSON file to write (atomically)")
     p.add_argument("--config", help="a YAML file (default: configs/throughput.yaml, the 56M float32 Llama)")
     p.add_argument("--sampler-batches", type=_int_list, default=bench.throughput.SAMPLER_BATCHES,
@@ -198,21 +284,47 @@ def build_parser() -> argparse.ArgumentParser:
                    help="config overrides, e.g. model.num_layers=2 model.dtype=bfloat16")
     p.set_defaults(run=bench_throughput)
 
-    p = commands.add_parser("plot", help="stability plots, curves and summary from run directories")
+    p = commands.add_parser("plot", help="stability plots, curves and summary from run directories", parents=[debug])
     p.add_argument("workdirs", nargs="+", help="run directories holding metrics.jsonl")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(run=plot_runs)
     return parser
 
 
+# The errors of bad input (a file, a path, a config, a number): one line and exit status 2, without
+# a traceback unless --debug. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError, storage.StorageError, selfplay.NonFiniteLoss, yaml.YAMLError,
+               jinja2.TemplateError, SafetensorError)
+OS_HINTS = {errno.EACCES: "check its permissions, or choose another path",
+            errno.EPERM: "check its permissions, or choose another path",
+            errno.EROFS: "the file system is read-only: choose another path",
+            errno.ENOSPC: "the disk is full: free some space, or choose another path",
+            errno.EISDIR: "it is a directory: give the path of a file",
+            errno.ENOTDIR: "a part of the path is a file, not a directory: choose another path"}
+
+
+def error_line(error: BaseException) -> str:
+    """A user error as one line: an OSError as `FILE: what happened; what to do`, any other as its
+    message with its lines joined."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        files = " -> ".join(str(name) for name in (error.filename, error.filename2) if name is not None)
+        hint = OS_HINTS.get(error.errno)
+        text = f"{files}: {error.strerror}" + (f"; {hint}" if hint else "")
+    else:
+        text = str(error) or type(error).__name__
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax reports every save at INFO
     try:
         code = args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError, storage.StorageError, selfplay.NonFiniteLoss) as error:
-        print(f"spacejax {args.command}: error: {error}", file=sys.stderr)
+    except USER_ERRORS as error:
+        if args.debug:
+            raise
+        print(f"spacejax {args.command}: error: {error_line(error)}", file=sys.stderr)
         return 2
     return code or 0
 

@@ -38,6 +38,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import jinja2
 import numpy as np
 
 from spacejax import sources
@@ -47,6 +48,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_BUCKETS = (64, 128, 256, 512, 1024)
 ROLES = ("system", "user", "assistant")
+# jinja's errors of a chat template that can never render: the tokenizer's fault, not a row's
+UNRENDERABLE = (jinja2.TemplateSyntaxError, jinja2.exceptions.SecurityError)
 
 
 @dataclass(frozen=True, eq=False)
@@ -126,8 +129,22 @@ def encode_prompt(tokenizer, turns: list[dict]) -> np.ndarray:
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat_template; "
                          "set tokenizer.chat_template or use a chat tokenizer")
-    text = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+    try:
+        text = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+    except UNRENDERABLE as error:
+        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r}: {template_problem(error)}") from None
+    except jinja2.TemplateError as error:  # the template's own refusal (raise_exception) of these turns
+        raise DataError(f"the chat template refuses the prompt turns ({error})") from None
     return np.asarray(tokenizer.encode(text, add_special_tokens=False), dtype=np.int32)
+
+
+def template_problem(error: Exception) -> str:
+    """What is wrong with a chat template whose rendering raised one of UNRENDERABLE, in one line."""
+    if isinstance(error, jinja2.TemplateSyntaxError):
+        what = f"has a syntax error at its line {error.lineno}: {error.message}"
+    else:
+        what = f"does what jinja's sandbox refuses: {error}"
+    return f"the chat template {what}; fix the template (chat_template.jinja or chat_template in tokenizer_config.json)"
 
 
 def encode_response(tokenizer, content: str) -> np.ndarray:
@@ -207,7 +224,8 @@ def tokenize_rows(rows: Sequence[Any], tokenizer=None, *, max_length: int, max_p
                   vocab_size: int | None = None) -> tuple[list[Example], int]:
     """Tokenize every row -> (examples, number of bad rows skipped).
 
-    A bad row raises DataError naming ``source`` and the row index, unless ``skip_bad_rows``:
+    A bad row raises DataError naming ``source`` and the row (``sources.where``: its line in a
+    .jsonl file, else its index counting from 0), unless ``skip_bad_rows``:
     then it is skipped, counted and logged (one warning with the count and the first reason).
     A source with no usable rows is always an error.
     """
@@ -220,10 +238,10 @@ def tokenize_rows(rows: Sequence[Any], tokenizer=None, *, max_length: int, max_p
                                          vocab_size=vocab_size, row_index=index))
         except DataError as e:
             if not skip_bad_rows:
-                raise DataError(f"{source}: row {index}: {e}. Fix or remove the row, or pass "
-                                "skip_bad_rows=True to skip bad rows.") from None
+                raise DataError(f"{source}: {sources.where(rows, index)}: {e}. Fix or remove the row, or set "
+                                "data.skip_bad_rows=true to skip bad rows.") from None
             skipped += 1
-            first_problem = first_problem or f"row {index}: {e}"
+            first_problem = first_problem or f"{sources.where(rows, index)}: {e}"
     if skipped:
         logger.warning("%s: skipped %d bad row(s) of %d (first: %s)", source, skipped, len(rows),
                        first_problem)

@@ -9,6 +9,7 @@ PEFT's format (`save_adapter`), for `peft.PeftModel.from_pretrained` on the base
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -18,12 +19,14 @@ from pathlib import Path
 from typing import Iterator
 
 import jax
+import jinja2
 import numpy as np
 import transformers
-from safetensors import safe_open
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from spacejax import lora, model, sharding, storage
+from spacejax import data, integrity, lora, model, sharding, storage
 from spacejax.config import LoraConfig, ModelConfig, RopeScaling
 
 log = logging.getLogger(__name__)
@@ -38,6 +41,11 @@ INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 CONFIG_FILE = "config.json"  # written last into an export: its presence marks a complete one
 WEIGHT_FORMATS_NOT_READ = (".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf", ".onnx")
+SHARD_PATTERN = "model-*-of-*.safetensors"  # `_write_shards`' names, and those of save_pretrained
+# config.json keys with no default that could be right: transformers would fill in a 7B shape
+REQUIRED_CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+REMOTE_CODE_KEY = "auto_map"  # transformers' pointer to a directory's own Python classes
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
@@ -198,11 +206,15 @@ def _checkpoint_files(path: Path) -> dict[str, Path]:
     """tensor name -> the safetensors file holding it."""
     index = path / INDEX_FILE
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: path / file for name, file in weight_map.items()}
+        files = {name: path / file for name, file in _weight_map(index).items()}
+        missing = sorted({file.name for file in files.values() if not file.exists()})
+        if missing:
+            raise CheckpointError(f"{index} names {missing[0]}, which is not in {path} ({len(missing)} shard(s) "
+                                  "missing); download or export the model again")
+        return files
     single = path / SINGLE_FILE
     if single.exists():
-        with safe_open(single, framework="numpy") as f:
+        with _open_safetensors(single) as f:
             return {name: single for name in f.keys()}
     raise CheckpointError(f"{path} has neither {SINGLE_FILE} nor {INDEX_FILE}; spacejax reads safetensors "
                           "checkpoints (re-save a PyTorch .bin checkpoint with save_pretrained).")
@@ -213,9 +225,54 @@ def _read_tensors(files: dict[str, Path], names: list[str]) -> Iterator[tuple[st
     for name in names:
         by_file.setdefault(files[name], []).append(name)
     for file, file_names in by_file.items():
-        with safe_open(file, framework="numpy") as f:
+        with _open_safetensors(file) as f:
             for name in file_names:
                 yield name, f.get_tensor(name)
+
+
+def _weight_map(index) -> dict[str, str]:
+    """{tensor name: shard file name} of a model.safetensors.index.json."""
+    values = _read_json(index)
+    weight_map = values.get("weight_map") if isinstance(values, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index} has no weight_map; download or export the model again")
+    return weight_map
+
+
+@contextlib.contextmanager
+def _open_safetensors(file) -> Iterator:
+    """safe_open(file) for numpy; a file that is cut short or not safetensors raises CheckpointError."""
+    try:
+        with safe_open(file, framework="numpy") as f:
+            yield f
+    except SafetensorError as error:
+        raise CheckpointError(f"{file} is not a readable safetensors file ({error}); it is damaged or was cut "
+                              "short: download or export the model again") from None
+
+
+def is_export(path) -> bool:
+    """Whether a directory holds a Hugging Face export: a complete one (config.json and its weights,
+    one file or an index), or one cut short as `hf.save` replaced it (its manifest lists a config.json:
+    `integrity.publish` removes config.json first and moves the new one in last)."""
+    location = storage.location(path)
+    if (location / CONFIG_FILE).exists() and any((location / name).exists() for name in (SINGLE_FILE, INDEX_FILE)):
+        return True
+    try:
+        manifest = integrity.read(location)
+    except integrity.IntegrityError:
+        return False
+    return manifest is not None and CONFIG_FILE in manifest["files"]
+
+
+def unreferenced_weight_files(path) -> list[str]:
+    """The model weight files of an export directory (model.safetensors, its shards) that its own
+    weights do not use: left by an earlier export with other shards."""
+    location = storage.location(path)
+    index = location / INDEX_FILE
+    used = set(_weight_map(index).values()) if index.exists() else {SINGLE_FILE}
+    present = [SINGLE_FILE] if (location / SINGLE_FILE).exists() else []
+    present += [file.name for file in location.glob(SHARD_PATTERN)]
+    return sorted(name for name in present if name not in used)
 
 
 def load(path, **overrides) -> tuple[ModelConfig, dict]:
@@ -228,23 +285,56 @@ def load(path, **overrides) -> tuple[ModelConfig, dict]:
     location = storage.location(path)
     if not (location / CONFIG_FILE).exists():
         raise CheckpointError(f"{location / CONFIG_FILE} not found: pass a Hugging Face model directory")
+    hf_config = read_hf_config(location)  # checked before a gs:// download
+    integrity.verify(location, required=False)  # an export spacejax wrote carries a manifest
     with storage.local_copy(location, skip_suffixes=WEIGHT_FORMATS_NOT_READ) as local:
-        return _load_local(Path(local), **overrides)
+        return _load_local(Path(local), hf_config, **overrides)
 
 
 def read_hf_config(path) -> transformers.PretrainedConfig:
-    """The transformers config of a Hugging Face directory's config.json (local or gs://)."""
+    """The transformers config of a Hugging Face directory's config.json (local or gs://). A file
+    that is not JSON, lacks a shape key or asks for the directory's own code raises CheckpointError."""
     file = storage.location(path) / CONFIG_FILE
-    values = json.loads(file.read_text())
+    values = _read_json(file)
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{file} must hold a JSON object, got {type(values).__name__}; download or "
+                              "export the model again")
+    refuse_remote_code(file, values)
     kind = values.get("model_type")
     if kind not in transformers.CONFIG_MAPPING:
         raise CheckpointError(f"{file}: model_type {kind!r} is not a transformers model type; spacejax reads "
                               f"{', '.join(SUPPORTED)}")
-    return transformers.CONFIG_MAPPING[kind].from_dict(values)
+    missing = [key for key in REQUIRED_CONFIG_KEYS if key not in values] if kind in SUPPORTED else []
+    if missing:  # (another architecture is refused by name in config_from_hf)
+        raise CheckpointError(f"{file} lacks {', '.join(missing)}; download or export the model again, or add "
+                              "the keys of its architecture")
+    try:
+        return transformers.CONFIG_MAPPING[kind].from_dict(values)
+    except (TypeError, ValueError, StrictDataclassError) as error:
+        problem = " ".join(str(error).split())
+        raise CheckpointError(f"{file}: {problem}; fix the value in the file") from None
 
 
-def _load_local(path: Path, **overrides) -> tuple[ModelConfig, dict]:
-    cfg = config_from_hf(read_hf_config(path), **overrides)
+def _read_json(file):
+    """The JSON value of a file a checkpoint or tokenizer holds; a damaged one raises CheckpointError."""
+    try:
+        return json.loads(file.read_text())
+    except ValueError as error:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{file} is not valid JSON ({error}); the file is damaged: download or export "
+                              "it again") from None
+
+
+def refuse_remote_code(file, values) -> None:
+    """spacejax never runs a model directory's own Python code (transformers' trust_remote_code):
+    a config naming such code (`auto_map`) raises CheckpointError before transformers reads it."""
+    if isinstance(values, dict) and values.get(REMOTE_CODE_KEY):
+        raise CheckpointError(f"{file} has an {REMOTE_CODE_KEY}: this model needs its own Python code, and spacejax "
+                              "never runs a model directory's own code; use a checkpoint of a supported "
+                              f"architecture ({', '.join(SUPPORTED)}) without {REMOTE_CODE_KEY}")
+
+
+def _load_local(path: Path, hf_config: transformers.PretrainedConfig, **overrides) -> tuple[ModelConfig, dict]:
+    cfg = config_from_hf(hf_config, **overrides)
     files = _checkpoint_files(path)
     shapes = model.param_shapes(cfg)
     tensors = tensor_map(cfg)
@@ -298,13 +388,14 @@ def save(cfg: ModelConfig, params: dict, out_dir, max_shard_bytes: int = DEFAULT
     `out_dir`: a local directory or a gs:// URL.
 
     Every process calls it (params sharded across processes are gathered); process 0 writes.
-    Files are assembled in a staging directory and moved in one by one, config.json last after
-    the previous export's config.json and weight indexes are removed: a directory with
-    config.json holds a complete export.
+    Files are assembled in a staging folder (`integrity.staging_folder`: an export killed half-way
+    is cleaned by the next) and published: config.json is removed, then the previous export's
+    files, then a manifest of the new files (`integrity`) and the files move in, config.json last:
+    a directory with config.json holds a complete export, verifiable against its manifest.json.
     """
     out_dir = storage.location(out_dir)
     writer = jax.process_index() == 0
-    staging = Path(storage.staging_dir(out_dir)) if writer else None
+    staging = integrity.staging_folder(out_dir) if writer else None
     try:
         tensors = _hf_tensors(cfg, params)
         if not writer:
@@ -315,11 +406,8 @@ def save(cfg: ModelConfig, params: dict, out_dir, max_shard_bytes: int = DEFAULT
         _write_shards(staging, tensors, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in (CONFIG_FILE, SINGLE_FILE, INDEX_FILE):
-            (out_dir / stale).unlink(missing_ok=True)
-        for file in sorted(staging.iterdir(), key=lambda f: f.name == CONFIG_FILE):
-            storage.put_file(file, out_dir / file.name)
+        # an export without a manifest (an older spacejax) may have left these
+        integrity.publish(staging, out_dir, marker=CONFIG_FILE, stale=(SINGLE_FILE, INDEX_FILE))
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
@@ -350,12 +438,34 @@ def _write_shards(out_dir: Path, tensors: Iterator[tuple[str, np.ndarray]], max_
 
 def load_tokenizer(path) -> transformers.PreTrainedTokenizerBase:
     """A tokenizer from a local directory or a gs:// one (downloaded less its weights; nothing
-    from the Hugging Face Hub)."""
+    from the Hugging Face Hub, and never the directory's own code: `refuse_remote_code`). A chat
+    template that jinja cannot compile or that its sandbox refuses raises CheckpointError here."""
     location = storage.location(path)
     if not location.is_dir():
         raise FileNotFoundError(f"tokenizer directory {location} not found")
+    for name in (TOKENIZER_CONFIG_FILE, CONFIG_FILE):  # AutoTokenizer reads both
+        if (location / name).exists():
+            refuse_remote_code(location / name, _read_json(location / name))
     with storage.local_copy(location, skip_suffixes=WEIGHT_FORMATS_NOT_READ + (".safetensors",)) as local:
-        return transformers.AutoTokenizer.from_pretrained(os.fspath(local), local_files_only=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(os.fspath(local), local_files_only=True,
+                                                               trust_remote_code=False)
+    _check_chat_template(tokenizer, location)
+    return tokenizer
+
+
+def _check_chat_template(tokenizer, location) -> None:
+    """Render a one-user-turn conversation with the tokenizer's chat template (a single template;
+    a dict of named ones is left to its use): one jinja cannot compile, or that touches what its
+    sandbox refuses, can never render, so it is named now rather than mid-run."""
+    if not isinstance(getattr(tokenizer, "chat_template", None), str):
+        return
+    try:
+        tokenizer.apply_chat_template([{"role": "user", "content": "Hello."}], add_generation_prompt=True,
+                                      tokenize=False)
+    except data.UNRENDERABLE as error:
+        raise CheckpointError(f"{location}: {data.template_problem(error)}") from None
+    except jinja2.TemplateError:
+        pass  # the template's own refusal of this conversation (raise_exception): a row's problem, met in use
 
 
 # ----------------------------------------------------------------------------------- PEFT adapters
@@ -414,14 +524,14 @@ def save_adapter(model_cfg: ModelConfig, lora_cfg: LoraConfig, adapters: dict, o
     `base_model_name_or_path`). `out_dir`: a local directory or a gs:// URL.
 
     Every process calls it (adapters sharded across processes are gathered); process 0 writes.
-    Files are assembled in a staging directory and moved in, adapter_config.json last after the
-    previous one is removed: a directory with adapter_config.json holds a complete adapter.
+    Files are assembled and published as by `save`, adapter_config.json last: a directory with
+    adapter_config.json holds a complete adapter, verifiable against its manifest.json.
     """
     if set(adapters) != set(lora_cfg.targets):
         raise ValueError(f"adapters for {sorted(adapters)} do not match lora.targets {list(lora_cfg.targets)}")
     out_dir = storage.location(out_dir)
     writer = jax.process_index() == 0
-    staging = Path(storage.staging_dir(out_dir)) if writer else None
+    staging = integrity.staging_folder(out_dir) if writer else None
     try:
         tensors = dict(_peft_tensors(model_cfg, lora_cfg, adapters))  # every process takes part in every gather
         if not writer:
@@ -429,10 +539,7 @@ def save_adapter(model_cfg: ModelConfig, lora_cfg: LoraConfig, adapters: dict, o
         save_file(tensors, staging / ADAPTER_WEIGHTS_FILE, metadata={"format": "pt"})
         (staging / ADAPTER_CONFIG_FILE).write_text(json.dumps(_adapter_config(model_cfg, lora_cfg, base_model_path),
                                                               indent=2))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / ADAPTER_CONFIG_FILE).unlink(missing_ok=True)
-        for name in (ADAPTER_WEIGHTS_FILE, ADAPTER_CONFIG_FILE):
-            storage.put_file(staging / name, out_dir / name)
+        integrity.publish(staging, out_dir, marker=ADAPTER_CONFIG_FILE)
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)

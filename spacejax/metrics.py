@@ -102,7 +102,7 @@ class MetricsWriter:
         for path in reversed(_log_files(self.workdir)):
             text = path.read_text()
             lines = _complete_lines(text)
-            kept = [line for line in lines if _order(json.loads(line)) <= resume_point]
+            kept = [line for number, line in enumerate(lines, 1) if _order(_record(path, number, line)) <= resume_point]
             if not kept and self.remote:
                 path.unlink()
             elif len(kept) < len(lines) or not text.endswith("\n"):
@@ -146,8 +146,21 @@ def has_log(workdir) -> bool:
 
 
 def read(workdir) -> list[dict]:
-    """Every complete record of the workdir's log, in order ([] before the first)."""
-    return [json.loads(line) for path in _log_files(workdir) for line in _complete_lines(path.read_text())]
+    """Every complete record of the workdir's log, in order ([] before the first). A line that
+    is not a JSON record is a ValueError naming the file and the line."""
+    return [_record(path, number, line) for path in _log_files(workdir)
+            for number, line in enumerate(_complete_lines(path.read_text()), 1)]
+
+
+def _record(path, number: int, line: str) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: line {number} is not a JSON record ({error.msg}); fix or delete that line") from None
+    if not isinstance(record, dict) or "iteration" not in record or "step" not in record:
+        raise ValueError(f"{path}: line {number} is not a record of this log (it needs `iteration` and `step`); "
+                         "fix or delete that line")
+    return record
 
 
 def progress(iterable: Optional[Iterable] = None, total: Optional[int] = None, desc: str = "",

@@ -362,6 +362,7 @@ def generation_phase(cfg: RunConfig, mesh) -> dict[str, float]:
 
 
 def make_plan(cfg: RunConfig, devices: int, hbm_gib: float) -> Plan:
+    check_topology(devices, hbm_gib)
     sizes = sharding.mesh_sizes(cfg.mesh, devices)
     mesh = abstract_mesh(sizes)
     used, notes = math.prod(sizes.values()), []
@@ -416,6 +417,14 @@ def make_plan(cfg: RunConfig, devices: int, hbm_gib: float) -> Plan:
     }
     return Plan(devices=devices, hbm_bytes=hbm_gib * GIB, mesh=sizes, consumers=consumers, phases=phases,
                 notes=tuple(notes))
+
+
+def check_topology(devices: int, hbm_gib: float) -> None:
+    """A topology to plan for: at least one device, and a finite, positive memory per device."""
+    if devices < 1:
+        raise ConfigError(f"--devices {devices}: the number of devices must be at least 1")
+    if not (math.isfinite(hbm_gib) and hbm_gib > 0):
+        raise ConfigError(f"--hbm-gib {hbm_gib:g}: the memory per device must be a positive number of GiB")
 
 
 def format_plan(plan: Plan) -> str:

@@ -14,12 +14,15 @@ each process places only its own rows of every batch, and every process reads th
 
 from __future__ import annotations
 
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from spacejax import metrics, model, sharding, train
 from spacejax.config import ModelConfig
+from spacejax.preemption import Preemption
 
 
 def _greedy_rows(model_cfg: ModelConfig, params, tokens, loss_mask, attention_mask):
@@ -38,10 +41,13 @@ def pad_rows(value: np.ndarray, rows: int) -> np.ndarray:
 
 class Scorer:
     """`score(params, rows)` for one model on one mesh; `batch_size` rows per jitted call (a
-    multiple of the mesh's data x fsdp size)."""
+    multiple of the mesh's data x fsdp size). With a `preemption`, each batch is a check point
+    (a stop there raises Preempted)."""
 
-    def __init__(self, model_cfg: ModelConfig, mesh, batch_size: int, progress: bool = True):
-        self.mesh, self.batch_size, self.progress = mesh, batch_size, progress
+    def __init__(self, model_cfg: ModelConfig, mesh, batch_size: int, progress: bool = True,
+                 preemption: Optional[Preemption] = None):
+        self.model_cfg, self.mesh, self.batch_size, self.progress = model_cfg, mesh, batch_size, progress
+        self.preemption = preemption
         self._logps = train.make_score_fn(model_cfg, out_shardings=sharding.replicated(mesh))
         self._greedy = jax.jit(lambda params, *rows: _greedy_rows(model_cfg, params, *rows),
                                out_shardings=sharding.replicated(mesh))
@@ -61,4 +67,6 @@ class Scorer:
             logps[start:start + kept] = np.asarray(self._logps(params, *arrays)[0])[:kept]
             if greedy:
                 is_greedy[start:start + kept] = np.asarray(self._greedy(params, *arrays))[:kept]
+            if self.preemption is not None:
+                self.preemption.stop_here("while scoring; scoring starts again on resume")
         return (logps, is_greedy) if greedy else logps

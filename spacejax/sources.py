@@ -35,13 +35,31 @@ class DataError(ValueError):
     """Bad input data: the message names the file, the row or line, and what to do."""
 
 
+class Rows(list):
+    """The rows of a file in which each row has a line: `line_numbers[i]` is row i's line, counted
+    from 1 as an editor counts them (blank lines included)."""
+
+    def __init__(self, rows: list[dict], line_numbers: list[int]):
+        super().__init__(rows)
+        self.line_numbers = line_numbers
+
+
+def where(rows, index: int) -> str:
+    """Row `index` of `rows` as an error message names it: its line in a .jsonl file, else its
+    position (counting from 0: a parquet record, a dataset row)."""
+    if isinstance(rows, Rows):
+        return f"line {rows.line_numbers[index]}"
+    return f"row {index} (counting from 0)"
+
+
 def read_rows(source: str | os.PathLike, *, split: str | None = None,
               data_dir: str | os.PathLike | None = None) -> list[dict]:
     """Read all rows of ``source`` (see the module docstring) as a list of dicts, offline.
 
     ``split`` picks a split of a DatasetDict directory or a TFDS dataset (default "train");
     ``data_dir`` is the TFDS data directory. Raises FileNotFoundError for a missing source and
-    DataError for a malformed file (a bad JSON line is named by its line number).
+    DataError for a malformed file (a bad JSON line is named by its line number). The rows of a
+    .jsonl file come as `Rows`, which keep each row's line for `where`.
     """
     if isinstance(source, str) and source.startswith(TFDS_PREFIX):
         return _read_tfds(source[len(TFDS_PREFIX):], split=split or "train", data_dir=data_dir)
@@ -64,8 +82,8 @@ def read_rows(source: str | os.PathLike, *, split: str | None = None,
                     f"save_to_disk directory or '{TFDS_PREFIX}NAME'.")
 
 
-def _read_jsonl(path) -> list[dict]:
-    rows = []
+def _read_jsonl(path) -> Rows:
+    rows, line_numbers = [], []
     with path.open(encoding="utf-8") as f:
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
@@ -75,7 +93,8 @@ def _read_jsonl(path) -> list[dict]:
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}: line {line_number} is not valid JSON ({e.msg}, column "
                                 f"{e.colno}); every line of a .jsonl file must be one JSON object.") from None
-    return rows
+            line_numbers.append(line_number)
+    return Rows(rows, line_numbers)
 
 
 def _read_saved_dataset(path: Path, split: str | None) -> list[dict]:

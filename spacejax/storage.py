@@ -77,7 +77,7 @@ def check_usable(path: PathLike) -> None:
                                "`gcloud auth application-default login`, or check the VM's service account") \
                 from None
     try:
-        exists = _filesystem().exists(bucket_of(text))
+        exists = filesystem().exists(bucket_of(text))
     except OSError as error:
         raise StorageError(f"{text}: the bucket cannot be reached ({error})") from None
     if not exists:
@@ -112,7 +112,7 @@ def put_file(local_file: epath.Path, path: epath.Path) -> None:
     """Move a finished local file to `path` in one step: a rename on the same disk, one object
     upload on gs:// (the local file is then deleted)."""
     if is_remote(path):
-        _filesystem().put_file(os.fspath(local_file), os.fspath(path))
+        filesystem().put_file(os.fspath(local_file), os.fspath(path))
         os.unlink(os.fspath(local_file))
     else:
         os.replace(os.fspath(local_file), os.fspath(path))
@@ -137,15 +137,15 @@ def local_copy(path: epath.Path, skip_suffixes: tuple[str, ...] = ()) -> Iterato
     if not is_remote(path):
         yield path
         return
-    filesystem = _filesystem()
+    gcs = filesystem()
     root = os.fspath(path).rstrip("/")
-    remote = [name for name in filesystem.find(root) if not name.endswith(skip_suffixes)]
+    remote = [name for name in gcs.find(root) if not name.endswith(skip_suffixes)]
     if not remote:
         raise FileNotFoundError(f"{root} holds no files")
     with tempfile.TemporaryDirectory(prefix="spacejax-") as folder:
         prefix = root[len(GS):] + "/"
         local = [os.path.join(folder, name[len(prefix):]) for name in remote]
-        filesystem.get([GS + name for name in remote], local)
+        gcs.get([GS + name for name in remote], local)
         yield epath.Path(folder)
 
 
@@ -157,14 +157,13 @@ def move_tree(source: epath.Path, target: epath.Path, first: str = "") -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(os.fspath(source), os.fspath(target))
         return
-    filesystem = _filesystem()
-    filesystem.copy(os.fspath(source).rstrip("/") + "/", os.fspath(target).rstrip("/") + "/", recursive=True)
+    filesystem().copy(os.fspath(source).rstrip("/") + "/", os.fspath(target).rstrip("/") + "/", recursive=True)
     if first:
         (source / first).unlink(missing_ok=True)
     source.rmtree(missing_ok=True)
 
 
-def _filesystem():
+def filesystem():
     """The gcsfs filesystem that `epath` uses for gs://."""
     import fsspec
 

@@ -39,6 +39,7 @@ class TrainState:
     params: Any
     opt_state: Any
     nonfinite_in_a_row: jax.Array  # [] int32, consecutive steps skipped for a non-finite loss
+    skipped: jax.Array  # [] int32, steps of this phase skipped for a non-finite loss
     first_loss: jax.Array  # [] float32, the loss of the phase's first step (NaN before it)
     last_loss: jax.Array  # [] float32, the loss of the latest step
 
@@ -125,7 +126,8 @@ def initial_optimizer(cfg: TrainConfig, trainable=None) -> optax.GradientTransfo
 def create_state(params, cfg: TrainConfig, trainable=None) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=initial_optimizer(cfg, trainable).init(params),
-                      nonfinite_in_a_row=jnp.zeros((), jnp.int32), first_loss=jnp.full((), jnp.nan, jnp.float32),
+                      nonfinite_in_a_row=jnp.zeros((), jnp.int32), skipped=jnp.zeros((), jnp.int32),
+                      first_loss=jnp.full((), jnp.nan, jnp.float32),
                       last_loss=jnp.full((), jnp.nan, jnp.float32))
 
 
@@ -138,7 +140,7 @@ def state_shardings(cfg: TrainConfig, params_shapes, params_shardings, replicate
                                       lambda leaf, sharding: leaf if frozen(leaf) else sharding, state.opt_state,
                                       params_shardings, transform_non_params=lambda _: replicated, is_leaf=frozen)
     return TrainState(step=replicated, params=params_shardings, opt_state=opt_state, nonfinite_in_a_row=replicated,
-                      first_loss=replicated, last_loss=replicated)
+                      skipped=replicated, first_loss=replicated, last_loss=replicated)
 
 
 # ----------------------------------------------------------------------------------- objectives
@@ -241,7 +243,7 @@ def make_train_step(objective: Objective, cfg: TrainConfig, trainable=None) -> C
     serves every phase of the same optimizer, batch shape and loss kind. The batch is split into
     `cfg.grad_accum_steps` micro-batches whose gradients and metrics are averaged. A step whose
     loss, gradient or updated params are not finite leaves params and optimizer state unchanged
-    and is counted in `nonfinite_in_a_row`. `trainable`: see `make_optimizer`. Arguments after
+    and is counted in `nonfinite_in_a_row` and `skipped`. `trainable`: see `make_optimizer`. Arguments after
     `hyper` (`constants`, e.g. the fixed base under LoRA) go to the objective after its
     hyperparameters and get no gradient."""
     value_and_grad = jax.value_and_grad(objective, has_aux=True)
@@ -271,6 +273,7 @@ def make_train_step(objective: Objective, cfg: TrainConfig, trainable=None) -> C
         new_state = TrainState(
             step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
             nonfinite_in_a_row=jnp.where(finite, 0, state.nonfinite_in_a_row + 1),
+            skipped=state.skipped + (~finite).astype(jnp.int32),
             first_loss=jnp.where(state.step == 0, loss, state.first_loss), last_loss=loss)
         metrics = {**metrics, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
                    "nonfinite": (~finite).astype(jnp.float32)}

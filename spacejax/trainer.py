@@ -21,11 +21,9 @@ Only hooks that read device values (metrics, the counter) synchronise, on the st
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import logging
-import signal
 import time
 from typing import Callable, Optional, Sequence
 
@@ -33,14 +31,11 @@ import jax
 import numpy as np
 
 from spacejax import checkpoint, lora, metrics, sharding, train
+from spacejax.preemption import Preempted, Preemption
 from spacejax.config import ConfigError, DataConfig, LoraConfig, ModelConfig, TrainConfig
 from spacejax.pairs import Pairs
 
 log = logging.getLogger(__name__)
-
-
-class Preempted(Exception):
-    """SIGTERM arrived; the train state was saved and re-running the same command resumes."""
 
 
 class NonFiniteLoss(RuntimeError):
@@ -91,9 +86,11 @@ class Fitted:
 
     @property
     def summary(self) -> dict:
-        """The first and last step's loss (floats, or 'nan' / 'inf' as in metrics.jsonl)."""
+        """The first and last step's loss (floats, or 'nan' / 'inf' as in metrics.jsonl) and the
+        number of steps skipped for a non-finite loss."""
         first, last = metrics.to_python({"first": self.state.first_loss, "last": self.state.last_loss}).values()
-        return {"eval/loss_start": first, "eval/loss_end": last}  # to_python sorts its keys
+        return {"eval/loss_start": first, "eval/loss_end": last,  # to_python sorts its keys
+                "train/skipped_steps": int(self.state.skipped)}
 
 
 @dataclasses.dataclass
@@ -110,6 +107,7 @@ class StepInfo:
     metrics: dict
     tokens: int  # tokens the policy read in this step
     logged: Optional[dict] = None
+    warnings: list = dataclasses.field(default_factory=list)  # logged with this step's record
 
 
 class Hook:
@@ -175,6 +173,7 @@ class Trainer:
                         hook(info)
         finally:
             phase.checkpoints.close()
+        check_skipped(phase, int(state.skipped), total_steps)
         return Fitted(state, state.params if self.adapter is None else self.adapter.merged(params, state.params))
 
     def _steps(self, objective: Objective, cfg: TrainConfig, params):
@@ -195,6 +194,18 @@ class Trainer:
                                            out_shardings=placement),
                                    jax.jit(step, donate_argnums=0, out_shardings=(placement, replicated)))
         return self._compiled[key]
+
+
+def check_skipped(phase: Phase, skipped: int, total_steps: int) -> None:
+    """A phase whose every step was skipped for a non-finite loss trained nothing: an error, not a
+    result. Some skipped steps: a warning (the count also goes into the phase's evaluation)."""
+    if skipped and skipped >= total_steps:
+        raise NonFiniteLoss(f"every one of the {total_steps} steps of {phase.name} had a non-finite loss or gradient "
+                            "and was skipped, so it trained nothing. Lower train.learning_rate or loss.beta, or "
+                            "check the data.")
+    if skipped:
+        log.warning("%s skipped %d of its %d steps for a non-finite loss or gradient (their updates were not "
+                    "applied); see `nonfinite` in the metrics", phase.name, skipped, total_steps)
 
 
 class LowRankAdapter:
@@ -243,6 +254,8 @@ class LogMetrics(Hook):
         now = time.perf_counter()
         values["tokens_per_second"] = self.tokens / (now - self.since)
         self.since, self.tokens = now, 0
+        if info.warnings:
+            values["warning"] = " ".join(info.warnings)
         self.writer.write({"iteration": info.phase.iteration, "step": info.step, "epoch": info.epoch, **values})
         info.logged = values
 
@@ -270,6 +283,32 @@ class StopOnNonFinite(Hook):
                 "Lower train.learning_rate or loss.beta, or check the data.")
 
 
+class WatchForDeadModel(Hook):
+    """On logging steps, before they are logged: a gradient norm of exactly zero at every logged
+    step over DEAD_AFTER_STEPS steps means the model no longer learns (a learning rate far too high
+    saturates it); warned once per phase, in the log and in that step's record (`warning`)."""
+
+    DEAD_AFTER_STEPS = 10
+
+    def start(self, phase: Phase, step: int, total_steps: int) -> None:
+        self.every, self.zero_since, self.warned = phase.train.log_every, None, False
+
+    def due(self, step: int, total_steps: int) -> bool:
+        return step % self.every == 0 or step in (1, total_steps)
+
+    def __call__(self, info: StepInfo) -> None:
+        if float(info.metrics["grad_norm"]) != 0.0:
+            self.zero_since = None
+            return
+        self.zero_since = info.step if self.zero_since is None else self.zero_since
+        if not self.warned and info.step - self.zero_since >= self.DEAD_AFTER_STEPS:
+            message = (f"grad_norm has been 0 since step {self.zero_since} of {info.phase.name}: the model no longer "
+                       "learns (a learning rate far too high saturates it); lower train.learning_rate")
+            log.warning("%s", message)
+            info.warnings.append(message)
+            self.warned = True
+
+
 class SaveCheckpoints(Hook):
     """Every `every` steps: an asynchronous Orbax save of the train state."""
 
@@ -283,29 +322,16 @@ class SaveCheckpoints(Hook):
         info.phase.checkpoints.save(info.step, info.state)
 
 
-class StopOnSigterm(Hook):
-    """While `watching()`, SIGTERM (a preempted VM) makes the next step save the train state and
-    raise Preempted; re-running the same command resumes there."""
+class StopOnPreemption(Hook):
+    """At every step, the run's preemption check (`spacejax.preemption`: the same step on every
+    process): save the train state there and raise Preempted; re-running the same command resumes."""
 
-    def __init__(self, save_every: int):
-        self.save_every, self.requested = save_every, False
-
-    @contextlib.contextmanager
-    def watching(self):
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-
-    def _on_sigterm(self, signum, frame):
-        log.warning("SIGTERM: saving the train state at the next step, then exiting")
-        self.requested = True
-
-    def due(self, step: int, total_steps: int) -> bool:
-        return self.requested
+    def __init__(self, preemption: Preemption, save_every: int):
+        self.preemption, self.save_every = preemption, save_every
 
     def __call__(self, info: StepInfo) -> None:
+        if not self.preemption.check():
+            return
         if info.step % self.save_every:  # else SaveCheckpoints just saved this step
             info.phase.checkpoints.save(info.step, info.state)
         raise Preempted(f"preempted at {info.phase.name} step {info.step}; the train state is saved: re-run the "

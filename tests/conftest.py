@@ -26,13 +26,9 @@ import uuid  # noqa: E402
 
 import pytest  # noqa: E402
 
+from runs import free_port  # noqa: E402 - after XLA_FLAGS: it imports jax
+
 GCS_BUCKET = "spacejax-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -40,7 +36,7 @@ def gcs():
     """A real GCS emulator (gcp-storage-emulator, in memory) on a free loopback port for the
     session, with STORAGE_EMULATOR_HOST set for this process and its children (spacejax.storage
     points gcsfs and tensorstore at it). Yields `new_url(name) -> gs://spacejax-test/<unique>/name`."""
-    port = _free_port()
+    port = free_port()
     # gcs_emulator.py: the emulator plus the x-goog-generation download header real GCS sends
     # (without it tensorstore's OCDBT saves fail at random with "Malformed StorageGeneration").
     command = [sys.executable, os.path.join(os.path.dirname(__file__), "gcs_emulator.py"), "start",

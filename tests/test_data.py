@@ -255,15 +255,15 @@ BAD_ROWS = [
 
 
 @pytest.mark.parametrize("bad_row, reason", BAD_ROWS, ids=[reason[:30] for _, reason in BAD_ROWS])
-def test_bad_row_error_names_file_row_and_fix(tmp_path, tokenizer, bad_row, reason):
+def test_bad_row_error_names_file_line_and_fix(tmp_path, tokenizer, bad_row, reason):
     good = chat_row("What is 1 plus 1?", "2.")
     path = write_jsonl(tmp_path / "chats.jsonl", [good, good, bad_row, good])
     with pytest.raises(data.DataError) as info:
         data.load_examples(path, tokenizer, max_length=64, max_prompt_length=32)
     message = str(info.value)
-    assert str(path) in message and ": row 2: " in message
+    assert str(path) in message and ": line 3: " in message
     assert reason in message
-    assert "skip_bad_rows=True" in message
+    assert "data.skip_bad_rows=true" in message
     assert isinstance(info.value, ValueError)
 
 

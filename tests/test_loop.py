@@ -28,7 +28,7 @@ class FixedGenerator:
     def __init__(self):
         self.calls = []
 
-    def generate(self, params, requests, seed, *, num_samples=1, on_chunk=None):
+    def generate(self, params, requests, seed, *, num_samples=1, on_chunk=None, indices=None):
         self.calls.append((len(requests), seed))
         return [[np.array([toy.FIRST_CONTEXT + 4 + s, toy.END], np.int32) for s in range(num_samples)] for _ in requests]
 

@@ -10,7 +10,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file
 
-from spacejax import hf, lora, model, storage
+from spacejax import hf, integrity, lora, model, storage
 from spacejax.config import LoraConfig
 
 from hf_models import save
@@ -105,7 +105,8 @@ def test_adapter_export_to_gcs_equals_the_local_one(gcs, tmp_path):
     hf.save_adapter(cfg, lora_cfg, adapters, tmp_path / "local", base_model_path="gs://bucket/base")
 
     with storage.local_copy(storage.location(url)) as remote:
-        assert sorted(f.name for f in remote.iterdir()) == [hf.ADAPTER_CONFIG_FILE, hf.ADAPTER_WEIGHTS_FILE]
+        assert sorted(f.name for f in remote.iterdir()) == sorted(
+            [hf.ADAPTER_CONFIG_FILE, hf.ADAPTER_WEIGHTS_FILE, integrity.MANIFEST])
         config = (remote / hf.ADAPTER_CONFIG_FILE).read_text()
         assert config == (tmp_path / "local" / hf.ADAPTER_CONFIG_FILE).read_text()
         got = load_file(remote / hf.ADAPTER_WEIGHTS_FILE)

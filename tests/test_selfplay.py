@@ -192,7 +192,7 @@ def test_sigterm_saves_the_current_step_and_the_rerun_finishes_identically(tmp_p
     wait_for_step(stopped, iteration=1, step=15, process=process)
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=120)
-    assert process.returncode == 0, output
+    assert process.returncode == selfplay.PREEMPTED_EXIT, output
     assert "preempted at iteration_1" in output
     saved = checkpoint.TrainCheckpoints(stopped / "iter_001", keep=2).manager.latest_step()
     last_logged = max(r["step"] for r in metrics.read(stopped) if r["iteration"] == 1)

@@ -2,7 +2,6 @@
 two-process `jax.distributed` run on loopback against the single-process run."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,8 @@ import pytest
 
 from spacejax import checkpoint, hf, metrics, selfplay, sharding
 from spacejax.config import ConfigError, MeshConfig, ModelConfig, load
+
+from runs import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["selfplay.sft_epochs=0", "selfplay.iterations=1", "data.num_train=64", "data.num_eval=16",
@@ -71,11 +72,6 @@ def test_losses_do_not_depend_on_the_mesh(reference_run, tmp_path, mesh):
     assert len(reference) == 4
     np.testing.assert_allclose(step_losses(tmp_path), reference, atol=1e-5, rtol=0)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_processes(arguments, count=2, devices_each=4, timeout=600):

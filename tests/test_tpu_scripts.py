@@ -23,6 +23,8 @@ import jax
 import numpy as np
 import pytest
 
+from runs import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "tpu_scripts"
 SHELL_SCRIPTS = sorted(SCRIPTS.glob("*.sh"))
@@ -151,11 +153,6 @@ def dry_env(fake_gcloud):
     yield dict(env, FAKE_GCLOUD_FORBIDDEN="1")
     assert not (sim / "calls.jsonl").exists(), "a --dry-run called gcloud: " + (sim / "calls.jsonl").read_text()
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def commands(output: str) -> list[list[str]]:

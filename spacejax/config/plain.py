@@ -68,7 +68,7 @@ def _coerce(hint, value, key: str):
         return float(value)
     if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-2 (no dot) as a string
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):

@@ -27,7 +27,7 @@ def check_choice(key: str, value, choices) -> None:
 def positive(section: str, config, *keys: str) -> None:
     for key in keys:
         value = getattr(config, key)
-        if value <= 0:
+        if not value > 0:  # NaN too
             raise ConfigError(f"{section}.{key} must be > 0, got {value}")
 
 
@@ -172,9 +172,9 @@ class LossConfig:
     per_token: bool = False  # sft only: the token-mean NLL instead of the summed one
 
     def __post_init__(self):
-        if self.mu <= 0:
+        if not self.mu > 0:  # NaN too
             raise ConfigError(f"loss.mu must be > 0 (the noise ratio), got {self.mu}")
-        if self.beta is not None and self.beta <= 0:
+        if self.beta is not None and not self.beta > 0:
             raise ConfigError(f"loss.beta must be > 0, got {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"loss.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")

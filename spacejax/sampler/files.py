@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from spacejax import storage
+from spacejax.data import encode_prompt
 from spacejax.sampler.generation import Completions
 
 
@@ -37,25 +38,18 @@ def _encode_row(row: Any, tokenizer, vocab_size: int) -> np.ndarray:
                     isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                     for m in messages)):
                 raise ValueError("`messages` must be a non-empty list of {role, content} objects")
-            ids = _encode_chat(tokenizer, messages)
+            ids = encode_prompt(tokenizer, messages)
         else:
             if not isinstance(row["prompt"], str) or not row["prompt"].strip():
                 raise ValueError("`prompt` must be non-empty text")
             if getattr(tokenizer, "chat_template", None):
-                ids = _encode_chat(tokenizer, [{"role": "user", "content": row["prompt"]}])
+                ids = encode_prompt(tokenizer, [{"role": "user", "content": row["prompt"]}])
             else:
                 ids = tokenizer.encode(row["prompt"])
-        if not ids:
+        if not len(ids):
             raise ValueError(f"`{field}` encodes to no tokens")
         return np.asarray(ids, np.int32)
     raise ValueError("the row has none of `prompt`, `messages`, `prompt_ids`")
-
-
-def _encode_chat(tokenizer, messages: list[dict]) -> list[int]:
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("`messages` needs a tokenizer with a chat template; this one has none")
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def read_prompts(path, tokenizer=None, *, vocab_size: int) -> tuple[list[dict], list[np.ndarray]]:

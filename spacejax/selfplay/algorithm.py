@@ -7,12 +7,12 @@ import dataclasses
 import jax
 import numpy as np
 
-from spacejax import config
+from spacejax import config, workdir_lock
 from spacejax.config import RunConfig
 from spacejax.pairs import Pairs
 from spacejax.sampler import Request
 from spacejax.selfplay.evaluators import Context, evaluate
-from spacejax.selfplay.setup import Parts, setup
+from spacejax.selfplay.setup import Parts, checked_mesh, setup
 from spacejax.trainer import Phase
 
 SFT_ITERATION = -1
@@ -38,7 +38,7 @@ def self_play(cfg: RunConfig, parts: Parts) -> dict:
         now = config.at_iteration(cfg, t)  # this iteration's lr, beta, ... (selfplay.from_iteration)
         if store.done(t):
             theta, evaluation = store.final(t), store.evaluation(t)
-            previous = store.samples(t).new if cfg.selfplay.mix_previous else None
+            previous = store.samples(t, required=True).new if cfg.selfplay.mix_previous else None
             continue
         pairs = store.samples(t)
         if pairs is None:
@@ -46,6 +46,7 @@ def self_play(cfg: RunConfig, parts: Parts) -> dict:
             pairs = pairs_of(task, synthetic, previous)
             pairs = pairs.scored(opponent_logps(parts.scorer, theta, pairs, now.data, task.pad_id))  # once
             store.save_samples(t, pairs, settings=dataclasses.asdict(now.sampler))
+            store.drop_responses(t)
         phase = Phase(t, now.train, now.train.learning_rate, now.train.epochs, store.checkpoints(t))
         player = trainer.fit(theta, pairs.train, parts.pair_objective(now), phase)
         evaluation = {**evaluate(parts.evaluators, player.params, Context(pairs.eval, now)), **player.summary,
@@ -57,11 +58,22 @@ def self_play(cfg: RunConfig, parts: Parts) -> dict:
 
 def opponent_generates(parts: Parts, cfg: RunConfig, opponent, iteration: int) -> list[list[np.ndarray]]:
     """K synthetic responses to every train and eval prompt, each cut to fit data.max_length
-    with the longest prompt."""
+    with the longest prompt. Responses are kept by the store as they complete: after a stop, only
+    the prompts without kept responses are generated (with their own indices, so the same ones)."""
     prompts = [e.prompt_ids for e in parts.task.train + parts.task.eval]
     max_new = min(cfg.sampler.max_new_tokens, cfg.data.max_length - max(len(p) for p in prompts))
-    return parts.generator.generate(opponent, [Request(p, max_new) for p in prompts],
-                                    generation_seed(cfg.seed, iteration), num_samples=cfg.sampler.num_samples)
+    kept = parts.store.responses(iteration, len(prompts), cfg.sampler.num_samples)
+    missing = kept.missing()
+    try:
+        if len(missing):
+            responses = parts.generator.generate(
+                opponent, [Request(prompts[i], max_new) for i in missing], generation_seed(cfg.seed, iteration),
+                num_samples=cfg.sampler.num_samples, indices=missing,
+                on_chunk=lambda done, responses: kept.add(missing[done], responses))
+            kept.add(missing, responses)  # those the generator did not hand over in chunks
+    finally:
+        kept.write()  # also when stopped: what was generated is kept
+    return kept.all()
 
 
 def pairs_of(task, synthetic: list[list[np.ndarray]], previous: Pairs | None) -> Pairs:
@@ -88,10 +100,13 @@ def generation_seed(seed: int, iteration: int) -> int:
 
 
 def run(cfg: RunConfig, workdir) -> dict:
-    """Run (or resume) every phase of a config in `workdir`; returns the last evaluation."""
-    parts = setup(cfg, workdir)
-    try:
-        with parts.preemption.watching(), jax.set_mesh(parts.mesh):  # activations follow the batch split
-            return self_play(cfg, parts)
-    finally:
-        parts.store.close()
+    """Run (or resume) every phase of a config in `workdir`, holding its lock (one run at a time);
+    returns the last evaluation."""
+    mesh = checked_mesh(cfg)  # a bad config is refused before the workdir is touched
+    with workdir_lock.hold(workdir):  # every process enters; process 0 holds it to the end
+        parts = setup(cfg, workdir, mesh)
+        try:
+            with parts.preemption.watching(), jax.set_mesh(parts.mesh):  # activations follow the batch split
+                return self_play(cfg, parts)
+        finally:
+            parts.store.close()  # the log's last flush lands before the lock is released

@@ -5,11 +5,18 @@ one touches neither the loop nor the others.
     nll    held-out NLL of the real responses (sum and per token)
     pairs  the loss and its metrics on the held-out pairs (self-play iterations only)
     kl     KL(p_data || p_theta) on the known-truth task, from fresh draws of p_data
+
+An evaluator may also return `warnings` (a list of sentences): a model that scores worse than
+the uniform distribution over its vocabulary (NLL per token above log V, or a KL above the
+uniform model's) is dead, whatever its loss says. `evaluate` logs them and keeps them in the
+evaluation (eval.json and the log's end event).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 from typing import Callable, Optional
 
 import jax
@@ -20,6 +27,8 @@ from spacejax.config import ConfigError, RunConfig
 from spacejax.pairs import Pairs
 from spacejax.scoring import Scorer
 from spacejax.selfplay.task import Task
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +50,13 @@ class HeldOutNLL:
         rows = held_out.sequences(held_out.length(context.cfg.data), self.task.pad_id, real_only=True)
         real_logps = self.scorer.score(params, rows)
         counts = np.array([len(e.real_ids) for e in self.task.eval])
-        return {"eval/nll": float(-real_logps.mean()), "eval/nll_per_token": float(-(real_logps / counts).mean())}
+        per_token = float(-(real_logps / counts).mean())
+        result = {"eval/nll": float(-real_logps.mean()), "eval/nll_per_token": per_token}
+        uniform = math.log(self.scorer.model_cfg.vocab_size)
+        if not per_token <= uniform:
+            result["warnings"] = [f"eval/nll_per_token is {per_token:.4g}, worse than a uniform distribution over "
+                                  f"the vocabulary ({uniform:.4g}): the model is dead. Lower train.learning_rate."]
+        return result
 
 
 @dataclasses.dataclass
@@ -87,8 +102,15 @@ class KnownTruthKL:
         pairs = Pairs.real_only(examples)
         model_logps = self.scorer.score(params, pairs.sequences(pairs.length(cfg.data), self.task.pad_id,
                                                                 real_only=True))
-        kl, stderr = toy.kl_estimate(truth.log_prob(contexts, responses), model_logps)
-        return {"eval/kl": kl, "eval/kl_stderr": stderr}
+        data_logps = truth.log_prob(contexts, responses)
+        kl, stderr = toy.kl_estimate(data_logps, model_logps)
+        result = {"eval/kl": kl, "eval/kl_stderr": stderr}
+        lengths = np.array([len(e.real_ids) for e in examples])
+        uniform = float(np.mean(data_logps) + lengths.mean() * math.log(self.scorer.model_cfg.vocab_size))
+        if not kl <= uniform:
+            result["warnings"] = [f"eval/kl is {kl:.4g}, above the uniform model's ({uniform:.4g}): the model is "
+                                  "dead. Lower train.learning_rate."]
+        return result
 
 
 # name -> a builder from the run's parts (mesh, task, scorer, pair_objective)
@@ -115,8 +137,12 @@ def check(cfg: RunConfig) -> None:
 
 
 def evaluate(evaluators, params, context: Context) -> dict:
-    """Every evaluator's values, in the configured order."""
-    result = {}
+    """Every evaluator's values, in the configured order, and their `warnings` (logged) if any."""
+    result, warnings = {}, []
     for evaluator in evaluators:
-        result.update(evaluator(params, context))
-    return result
+        values = dict(evaluator(params, context))
+        warnings += values.pop("warnings", [])
+        result.update(values)
+    for warning in warnings:
+        log.warning("%s", warning)
+    return {**result, "warnings": warnings} if warnings else result

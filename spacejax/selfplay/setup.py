@@ -7,8 +7,9 @@ from typing import Callable
 
 import jax
 
-from spacejax import checkpoint, config, hf, lora, losses, model, sampler, sharding, toy, train, trainer
+from spacejax import checkpoint, config, hf, lora, losses, model, sampler, sharding, storage, toy, train, trainer
 from spacejax.config import ConfigError, RunConfig
+from spacejax.preemption import Preemption
 from spacejax.scoring import Scorer
 from spacejax.selfplay import evaluators as evaluators_module
 from spacejax.selfplay.store import RunStore, prepare
@@ -29,7 +30,7 @@ class Parts:
     pair_objective: Callable  # the iteration's RunConfig -> trainer.Objective
     sft_objective: trainer.Objective
     evaluators: list
-    preemption: trainer.StopOnSigterm
+    preemption: Preemption
 
 
 def check(cfg: RunConfig) -> None:
@@ -60,6 +61,16 @@ def check_every_phase(cfg: RunConfig, mesh) -> None:
     config.check_batch_sizes(cfg, sharding.batch_size_divisor(mesh))
 
 
+def check_init_from(cfg: RunConfig) -> None:
+    """`init_from`, if set, is a model spacejax reads: checked before the workdir is touched."""
+    if cfg.init_from is None:
+        return
+    start = storage.location(cfg.init_from)
+    if not checkpoint.is_params_checkpoint(start) and not (start / "config.json").exists():
+        raise ConfigError(f"init_from: {cfg.init_from} is neither a spacejax params checkpoint (model_config.json) "
+                          "nor a Hugging Face model directory (config.json); fix the path")
+
+
 def initial_params(cfg: RunConfig, mesh) -> tuple:
     """(ModelConfig, params of theta_0 before any SFT), placed on the mesh."""
     keep = {"param_dtype": cfg.model.param_dtype, "dtype": cfg.model.dtype, "remat": cfg.model.remat}
@@ -75,11 +86,19 @@ def initial_params(cfg: RunConfig, mesh) -> tuple:
     return model_cfg, jax.device_put(params, sharding.param_shardings(model_cfg, mesh))
 
 
-def setup(cfg: RunConfig, workdir) -> Parts:
-    """Check every phase's config, load the task, write (or check) workdir/config.yaml, load
-    theta_0 and build the components."""
+def checked_mesh(cfg: RunConfig):
+    """The run's mesh, once every phase's config and `init_from` are checked: everything checked
+    before the workdir is touched."""
     mesh = sharding.make_mesh(cfg.mesh)
     check_every_phase(cfg, mesh)
+    check_init_from(cfg)
+    return mesh
+
+
+def setup(cfg: RunConfig, workdir, mesh=None) -> Parts:
+    """Check the config (unless `mesh` says `checked_mesh` did), load the task, write (or check)
+    workdir/config.yaml, load theta_0 and build the components."""
+    mesh = checked_mesh(cfg) if mesh is None else mesh
     task = load_task(cfg)
     prepare(workdir, cfg)
     with jax.set_mesh(mesh):
@@ -90,14 +109,15 @@ def setup(cfg: RunConfig, workdir) -> Parts:
     model_cfg = dataclasses.replace(model_cfg, eos_token_ids=end_ids)
     store = RunStore(workdir, cfg, model_cfg, sharding.param_shardings(model_cfg, mesh), task.tokenizer)
     progress = jax.process_index() == 0
-    scorer = Scorer(model_cfg, mesh, cfg.sampler.batch_size, progress=progress)
+    preemption = Preemption()
+    scorer = Scorer(model_cfg, mesh, cfg.sampler.batch_size, progress=progress, preemption=preemption)
     sampling = sampler.Sampling(temperature=cfg.sampler.temperature, top_k=cfg.sampler.top_k or None,
                                 top_p=cfg.sampler.top_p)
     generator = sampler.SamplerGenerator(model_cfg, mesh, sampling, cfg.sampler.batch_size, task.pad_id,
-                                         task.end_ids, progress=progress)
-    preemption = trainer.StopOnSigterm(cfg.checkpoint.every_steps)
-    hooks = [trainer.LogMetrics(store.log), trainer.StopOnNonFinite(cfg.checkpoint.every_steps),
-             trainer.SaveCheckpoints(cfg.checkpoint.every_steps), preemption, trainer.ShowProgress()]
+                                         task.end_ids, progress=progress, preemption=preemption)
+    every = cfg.checkpoint.every_steps
+    hooks = [trainer.WatchForDeadModel(), trainer.LogMetrics(store.log), trainer.StopOnNonFinite(every),
+             trainer.SaveCheckpoints(every), trainer.StopOnPreemption(preemption, every), trainer.ShowProgress()]
     adapter = None
     if cfg.lora.enabled:
         lora.check_rank(model_cfg, cfg.lora)

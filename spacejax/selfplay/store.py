@@ -1,12 +1,15 @@
 """The run store: the run directory of DESIGN.md, and everything a resumed run reads back.
 
     workdir/config.yaml               the resolved config (a resumed run must equal it)
+    workdir/LOCK                      the running launch (`workdir_lock`: host, pid, lease)
     workdir/metrics.jsonl             the log, never read back as state (on gs:// the segment
                                       objects metrics/00000000.jsonl, ... instead)
     workdir/provenance/<time>.json    one per launch: versions, commit, topology, command line
     workdir/events/  wandb_id  wandb/ the trackers' files, when tracking.kinds names them
     workdir/sft/                      the optional SFT warm-up producing theta_0 (iteration -1)
     workdir/iter_000/samples.parquet  synthetic responses + opponent log-probs + generation settings
+    workdir/iter_000/generated/       the responses kept while generating (chunks.py), until
+                                      samples.parquet holds them
     workdir/iter_000/train/<step>/    Orbax train state (params, optimizer state, step, first loss)
     workdir/iter_000/unreadable/<step>/  a step checkpoint that failed to restore, set aside
     workdir/iter_000/final/           params of theta_1 (the next opponent)
@@ -32,9 +35,10 @@ from typing import Optional
 
 import jax
 
-from spacejax import checkpoint, config, hf, metrics, provenance, sharding, storage, tracking
+from spacejax import checkpoint, config, hf, integrity, metrics, provenance, sharding, storage, tracking
 from spacejax.config import ConfigError, ModelConfig, RunConfig
 from spacejax.pairs import Pairs
+from spacejax.selfplay.chunks import CHUNKS_DIR, ResponseChunks
 from spacejax.trainer import phase_name
 
 CONFIG_FILE = "config.yaml"
@@ -95,19 +99,41 @@ class RunStore:
         return checkpoint.is_done(self.phase_dir(iteration))
 
     def final(self, iteration: int):
-        """theta_{t+1}: the params phase `iteration` ended with, placed on the mesh."""
-        model_cfg = self.model_cfg
-        return checkpoint.load_params(self.phase_dir(iteration) / "final", self.param_shardings,
-                                      param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype,
-                                      remat=model_cfg.remat)[1]
+        """theta_{t+1}: the params phase `iteration` ended with, placed on the mesh. A final that
+        fails its checksums is an error naming the file: the run cannot go on from a corrupt theta."""
+        model_cfg, phase = self.model_cfg, self.phase_dir(iteration)
+        try:
+            return checkpoint.load_params(phase / "final", self.param_shardings, param_dtype=model_cfg.param_dtype,
+                                          dtype=model_cfg.dtype, remat=model_cfg.remat)[1]
+        except integrity.IntegrityError as error:
+            raise integrity.IntegrityError(f"{error}; restore it, or delete {phase / checkpoint.DONE} and "
+                                           f"{phase / 'final'} to redo that phase from its last step checkpoint") \
+                from None
 
     def evaluation(self, iteration: int) -> dict:
         return json.loads((self.phase_dir(iteration) / EVAL_FILE).read_text())
 
-    def samples(self, iteration: int) -> Optional[Pairs]:
-        """The iteration's scored pairs, if they were made (they are made once and reused)."""
+    def samples(self, iteration: int, required: bool = False) -> Optional[Pairs]:
+        """The iteration's scored pairs, if they were made (they are made once and reused);
+        `required`: a missing file is an error (a DONE iteration whose samples the next one mixes in)."""
         path = self.phase_dir(iteration) / SAMPLES_FILE
-        return Pairs.load(path) if path.exists() else None
+        if path.exists():
+            return Pairs.load(path)
+        if required:
+            raise FileNotFoundError(f"{path} is missing, but {self.phase_dir(iteration)} is DONE and the next iteration "
+                                    f"mixes its pairs in (selfplay.mix_previous): restore the file, or delete "
+                                    f"{self.phase_dir(iteration) / checkpoint.DONE} to redo that iteration")
+        return None
+
+    def responses(self, iteration: int, num_requests: int, num_samples: int) -> ResponseChunks:
+        """The opponent's responses of iteration `iteration` kept so far (iter_t/generated/)."""
+        return ResponseChunks(self.phase_dir(iteration), num_requests, num_samples)
+
+    def drop_responses(self, iteration: int) -> None:
+        """Remove the kept responses once samples.parquet holds them."""
+        folder = self.phase_dir(iteration) / CHUNKS_DIR
+        if jax.process_index() == 0 and folder.exists():
+            folder.rmtree()
 
     def save_samples(self, iteration: int, pairs: Pairs, settings: dict) -> None:
         """samples.parquet (with the decoded text when the run has a tokenizer), and the first
@@ -129,9 +155,8 @@ class RunStore:
         LoRA with `checkpoint.export_adapter` the phase's adapter in PEFT's format against the model
         it was trained on (`opponent`, theta_t: exported too at iteration 0)."""
         phase_dir = self.phase_dir(iteration)
-        final = phase_dir / "final"
-        if not checkpoint.is_params_checkpoint(final):
-            checkpoint.save_params(final, self.model_cfg, fitted.params)
+        # a final an earlier attempt completed and that verifies is kept; a half-written or damaged one is redone
+        checkpoint.save_params(phase_dir / "final", self.model_cfg, fitted.params, resume=True)
         if self.cfg.checkpoint.export_hf and iteration >= 0:  # every process: the exports gather the params
             hf.save(self.model_cfg, fitted.params, self.hf_dir(iteration), tokenizer=self.tokenizer)
         if self.cfg.checkpoint.export_adapter and iteration >= 0:

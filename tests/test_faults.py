@@ -1,0 +1,293 @@
+"""Fault injection: each test reproduces a way a run went silently wrong or could not resume (issue
+21's probes) and checks what happens now. Preemption (SIGTERM during generation, scoring and at an
+iteration's last step; one of two processes), skipped and dead steps, bad numbers, half-written logs
+and missing files of the run directory."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from spacejax import checkpoint, cli, config, losses, metrics, sampler, selfplay, trainer
+from spacejax.config import ConfigError
+from spacejax.selfplay import algorithm, chunks
+
+from runs import assert_params_equal, final_params, free_port, step_records
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_SPACE = ROOT / "configs" / "tiny_space.yaml"
+# one SFT epoch, one iteration of 4 steps; 80 prompts generated in 10 batches of 8
+SHORT = ["selfplay.sft_epochs=1", "selfplay.iterations=1", "data.num_train=64", "data.num_eval=16",
+         "selfplay.eval_kl_samples=64", "train.epochs=1", "train.batch_size=16", "checkpoint.every_steps=2",
+         "sampler.batch_size=8"]
+
+
+def load(*overrides):
+    return config.load(TINY_SPACE, list(overrides))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    selfplay.run(load(*SHORT), workdir)
+    return workdir
+
+
+def sigterm_self():
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+# ----------------------------------------------------------------------------------- preemption
+
+
+def test_sigterm_during_generation_keeps_what_was_generated_and_the_rerun_generates_only_the_rest(
+        tmp_path, uninterrupted, monkeypatch):
+    kept_add = chunks.ResponseChunks.add
+    calls = []
+
+    def add_then_sigterm(self, indices, responses):
+        kept_add(self, indices, responses)
+        calls.append(len(indices))
+        if len(calls) == 3:  # after the third decoded batch
+            sigterm_self()
+
+    monkeypatch.setattr(chunks.ResponseChunks, "add", add_then_sigterm)
+    with pytest.raises(selfplay.Preempted, match="while generating"):
+        selfplay.run(load(*SHORT), tmp_path)
+    phase = tmp_path / "iter_000"
+    assert not (phase / "samples.parquet").exists()
+    kept = chunks.ResponseChunks(phase, 80, 1)
+    assert len(kept.missing()) == 80 - 3 * 8  # the stop came at the next batch: three batches kept
+
+    monkeypatch.setattr(chunks.ResponseChunks, "add", kept_add)
+    requested = []
+    generate = sampler.SamplerGenerator.generate
+
+    def count_requests(self, params, requests, *args, **kwargs):
+        requested.append(len(requests))
+        return generate(self, params, requests, *args, **kwargs)
+
+    monkeypatch.setattr(sampler.SamplerGenerator, "generate", count_requests)
+    selfplay.run(load(*SHORT), tmp_path)
+    assert requested == [80 - 3 * 8]  # only the requests without kept responses
+    assert not (phase / chunks.CHUNKS_DIR).exists()  # samples.parquet holds them now
+    assert_params_equal(final_params(tmp_path, 0), final_params(uninterrupted, 0))
+    assert step_records(tmp_path) == step_records(uninterrupted)
+
+
+def test_sigterm_during_scoring_stops_at_the_next_batch_and_the_rerun_scores_again(
+        tmp_path, uninterrupted, monkeypatch):
+    pairs_of = algorithm.pairs_of
+
+    def pairs_then_sigterm(*args):
+        sigterm_self()  # right before the opponent scores the pairs
+        return pairs_of(*args)
+
+    monkeypatch.setattr(algorithm, "pairs_of", pairs_then_sigterm)
+    started = time.perf_counter()
+    with pytest.raises(selfplay.Preempted, match="while scoring"):
+        selfplay.run(load(*SHORT), tmp_path)
+    assert time.perf_counter() - started < 120
+    phase = tmp_path / "iter_000"
+    assert not (phase / "samples.parquet").exists()
+    assert len(chunks.ResponseChunks(phase, 80, 1).missing()) == 0  # every response is kept
+
+    monkeypatch.setattr(algorithm, "pairs_of", pairs_of)
+    selfplay.run(load(*SHORT), tmp_path)
+    assert_params_equal(final_params(tmp_path, 0), final_params(uninterrupted, 0))
+
+
+class SigtermAtStep(trainer.Hook):
+    def __init__(self, iteration, step):
+        self.iteration, self.step = iteration, step
+
+    def __call__(self, info):
+        if (info.phase.iteration, info.step) == (self.iteration, self.step):
+            sigterm_self()
+
+
+def run_with_hook(cfg, workdir, hook):
+    """selfplay.run with `hook` first among the trainer's hooks."""
+    parts = selfplay.setup(cfg, workdir)
+    parts.trainer.hooks.insert(0, hook)
+    try:
+        with parts.preemption.watching(), jax.set_mesh(parts.mesh):
+            return selfplay.self_play(cfg, parts)
+    finally:
+        parts.store.close()
+
+
+def test_sigterm_at_an_iterations_last_step_keeps_its_first_and_last_loss(tmp_path, uninterrupted):
+    with pytest.raises(selfplay.Preempted, match="iteration_0 step 4"):
+        run_with_hook(load(*SHORT), tmp_path, SigtermAtStep(0, 4))
+    assert not checkpoint.is_done(tmp_path / "iter_000")
+    selfplay.run(load(*SHORT), tmp_path)
+    resumed, expected = (json.loads((w / "iter_000" / "eval.json").read_text()) for w in (tmp_path, uninterrupted))
+    assert resumed["eval/loss_end"] != resumed["eval/loss_start"]
+    assert resumed == expected
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step_and_they_resume_bitwise(tmp_path):
+    """jax's preemption service: the process that got SIGTERM tells the other, both save the same
+    step (a collective Orbax save) and exit PREEMPTED_EXIT; the resumed pair ends bitwise equal to an
+    uninterrupted pair."""
+    overrides = ["selfplay.sft_epochs=0", "selfplay.iterations=1", "data.num_train=64", "data.num_eval=16",
+                 "selfplay.eval_kl_samples=64", "train.epochs=12", "train.batch_size=16", "train.log_every=1",
+                 "checkpoint.every_steps=1000", "sampler.batch_size=32"]
+
+    def start(workdir):
+        port = free_port()
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+        return [subprocess.Popen([sys.executable, "-m", "spacejax.cli", "train", "--config", str(TINY_SPACE),
+                                  "--workdir", str(workdir), *overrides, "--coordinator", f"127.0.0.1:{port}",
+                                  "--num-processes", "2", "--process-id", str(i)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                for i in range(2)]
+
+    def finish(processes):
+        outputs = [p.communicate(timeout=600)[0] for p in processes]
+        return [p.returncode for p in processes], outputs
+
+    reference = tmp_path / "uninterrupted"
+    codes, outputs = finish(start(reference))
+    assert codes == [0, 0], outputs[0][-3000:]
+
+    stopped = tmp_path / "stopped"
+    processes = start(stopped)
+    deadline = time.time() + 300
+    while not any(r["iteration"] == 0 and r["step"] >= 4 for r in metrics.read(stopped)):
+        assert time.time() < deadline and all(p.poll() is None for p in processes)
+        time.sleep(0.05)
+    processes[1].send_signal(signal.SIGTERM)
+    codes, outputs = finish(processes)
+    assert codes == [selfplay.PREEMPTED_EXIT] * 2, outputs[0][-3000:] + outputs[1][-3000:]
+    stops = [output.split("preempted at iteration_0 step ")[1].split(";")[0] for output in outputs]
+    assert stops[0] == stops[1] and 4 <= int(stops[0]) < 48
+    saved = checkpoint.TrainCheckpoints(stopped / "iter_000", keep=2).manager.latest_step()
+    assert saved == int(stops[0])
+
+    codes, outputs = finish(start(stopped))
+    assert codes == [0, 0], outputs[0][-3000:]
+    assert_params_equal(final_params(stopped, 0), final_params(reference, 0))
+
+
+# ----------------------------------------------------------------------------------- skipped and dead steps
+
+
+@pytest.fixture
+def nan_on_odd_batches(monkeypatch):
+    """A SPACE loss that is NaN on batches whose real responses have an odd number of tokens."""
+    space = losses.get_loss("space")
+
+    def formula(scores, **settings):
+        odd = jax.numpy.sum(scores.real_token_counts) % 2 == 1
+        return jax.numpy.where(odd, jax.numpy.nan, space.formula(scores, **settings))
+
+    monkeypatch.setitem(losses.LOSSES, "nan_on_odd", losses.Loss("nan_on_odd", formula, space.hyperparameters))
+
+
+def test_skipped_steps_are_counted_at_the_end_and_in_eval_json(tmp_path, nan_on_odd_batches, caplog):
+    cfg = load(*SHORT, "loss.kind=nan_on_odd", "train.epochs=4", "train.max_nonfinite_in_a_row=100")
+    with caplog.at_level("WARNING"):
+        selfplay.run(cfg, tmp_path)
+    skipped = sum(r["nonfinite"] for r in metrics.read(tmp_path) if r["iteration"] == 0 and "event" not in r)
+    assert 0 < skipped < 16
+    evaluation = json.loads((tmp_path / "iter_000" / "eval.json").read_text())
+    assert evaluation["train/skipped_steps"] == skipped
+    assert any(f"iteration_0 skipped {int(skipped)} of its 16 steps" in r.message for r in caplog.records)
+
+
+def test_a_phase_whose_every_step_was_skipped_is_an_error_not_done(tmp_path, monkeypatch):
+    monkeypatch.setitem(losses.LOSSES, "always_nan",
+                        losses.Loss("always_nan", lambda scores: scores.policy_real_logps * np.nan))
+    cfg = load(*SHORT, "loss.kind=always_nan", "train.max_nonfinite_in_a_row=100")
+    with pytest.raises(selfplay.NonFiniteLoss, match="every one of the 4 steps of iteration_0"):
+        selfplay.run(cfg, tmp_path)
+    assert checkpoint.is_done(tmp_path / "sft") and not checkpoint.is_done(tmp_path / "iter_000")
+
+
+def test_a_learning_rate_that_kills_the_model_is_warned_about(tmp_path):
+    selfplay.run(load(*SHORT, "train.learning_rate=1e6", "train.epochs=6", "train.log_every=1"), tmp_path)
+    warned = [r for r in metrics.read(tmp_path) if "warning" in r]
+    assert warned and "grad_norm has been 0 since step" in warned[0]["warning"]
+    evaluation = json.loads((tmp_path / "iter_000" / "eval.json").read_text())
+    assert any("the model is dead" in w for w in evaluation["warnings"])
+
+
+@pytest.mark.parametrize("override", ["train.learning_rate=nan", "train.learning_rate=inf", "train.learning_rate=-1",
+                                      "loss.beta=nan", "loss.mu=inf", "selfplay.sft_learning_rate=nan",
+                                      "selfplay.from_iteration=['1: train.learning_rate=nan']"])
+def test_learning_rates_betas_and_mu_must_be_finite_and_positive(override):
+    with pytest.raises(ConfigError, match="finite|> 0"):
+        load(override)
+
+
+# ----------------------------------------------------------------------------------- the run directory
+
+
+class KillAtStep(SigtermAtStep):
+    def __call__(self, info):
+        if (info.phase.iteration, info.step) == (self.iteration, self.step):
+            raise KeyboardInterrupt  # the process dies before this step is logged
+
+
+def test_a_log_line_cut_by_a_kill_is_dropped_on_resume_and_a_broken_one_is_named(tmp_path):
+    cfg = load(*SHORT, "selfplay.iterations=2")
+    with pytest.raises(KeyboardInterrupt):
+        run_with_hook(cfg, tmp_path, KillAtStep(1, 2))
+    log = tmp_path / metrics.METRICS_FILE
+    with log.open("a") as f:
+        f.write('{"iteration": 1, "step": 2, "loss": 1.3')  # the kill cut this record short
+    selfplay.run(cfg, tmp_path)
+    records = metrics.read(tmp_path)
+    assert [r["step"] for r in records if r["iteration"] == 1 and "event" not in r] == [1, 2, 3, 4]
+
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join(lines[:3] + ["{not json"] + lines[3:]) + "\n")
+    with pytest.raises(ValueError, match=f"{log}: line 4 is not a JSON record"):
+        metrics.read(tmp_path)
+    assert cli.main(["plot", str(tmp_path), "--out", str(tmp_path / "plots")]) == 2
+
+
+def test_a_missing_samples_file_of_a_done_iteration_names_the_fix(tmp_path, capsys):
+    overrides = [*SHORT, "loss.kind=spin", "selfplay.mix_previous=true", "selfplay.iterations=2"]
+    with pytest.raises(KeyboardInterrupt):
+        run_with_hook(load(*overrides), tmp_path, KillAtStep(1, 1))
+    (tmp_path / "iter_000" / "samples.parquet").unlink()
+    argv = ["train", "--config", str(TINY_SPACE), "--workdir", str(tmp_path), *overrides]
+    assert cli.main(argv) == 2
+    error = capsys.readouterr().err
+    assert "samples.parquet is missing" in error and "iter_000/DONE" in error
+
+
+def test_a_missing_init_from_is_refused_before_the_workdir_is_written(tmp_path, capsys):
+    argv = ["train", "--config", str(TINY_SPACE), "--workdir", str(tmp_path / "run"), *SHORT,
+            f"init_from={tmp_path / 'no_such_model'}"]
+    assert cli.main(argv) == 2
+    assert "no_such_model is neither a spacejax params checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "run" / selfplay.CONFIG_FILE).exists()
+
+
+def test_a_second_launch_on_a_running_workdir_is_refused_and_the_first_ends_alone(tmp_path, capsys):
+    argv = ["train", "--config", str(TINY_SPACE), "--workdir", str(tmp_path), *SHORT]
+    first = subprocess.Popen([sys.executable, "-m", "spacejax.cli", *argv], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "LOCK").exists():
+        assert time.time() < deadline and first.poll() is None
+        time.sleep(0.05)
+    assert cli.main(argv) == 2
+    error = capsys.readouterr().err
+    assert "this workdir is in use by" in error and f"pid {first.pid}" in error
+    output = first.communicate(timeout=600)[0]
+    assert first.returncode == 0, output[-2000:]
+    assert not (tmp_path / "LOCK").exists()
+    records = [(r["iteration"], r["step"], "event" in r) for r in metrics.read(tmp_path)]
+    assert len(records) == len(set(records))  # one run wrote the log
