@@ -31,9 +31,7 @@ def convert(args: argparse.Namespace) -> None:
     else:
         _check_out_dir(out, "Hugging Face export (config.json and safetensors)", earlier=hf.is_export(out))
         cfg, params = checkpoint.load_params(args.to_hf)
-        hf.save(cfg, params, out, max_shard_bytes=int(args.max_shard_gib * 2**30))
-        for name in hf.unreferenced_weight_files(out):  # shards of an earlier export that this one lacks
-            (out / name).unlink(missing_ok=True)
+        hf.save(cfg, params, out, max_shard_bytes=int(args.max_shard_gib * 2**30))  # replaces an earlier export whole
     print(f"wrote {out}")
 
 

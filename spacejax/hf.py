@@ -264,17 +264,6 @@ def is_export(path) -> bool:
     return manifest is not None and CONFIG_FILE in manifest["files"]
 
 
-def unreferenced_weight_files(path) -> list[str]:
-    """The model weight files of an export directory (model.safetensors, its shards) that its own
-    weights do not use: left by an earlier export with other shards."""
-    location = storage.location(path)
-    index = location / INDEX_FILE
-    used = set(_weight_map(index).values()) if index.exists() else {SINGLE_FILE}
-    present = [SINGLE_FILE] if (location / SINGLE_FILE).exists() else []
-    present += [file.name for file in location.glob(SHARD_PATTERN)]
-    return sorted(name for name in present if name not in used)
-
-
 def load(path, **overrides) -> tuple[ModelConfig, dict]:
     """Load a Hugging Face checkpoint directory (local, or gs:// through a temporary download of
     its safetensors and json files) -> (ModelConfig, params of numpy arrays).
@@ -406,8 +395,9 @@ def save(cfg: ModelConfig, params: dict, out_dir, max_shard_bytes: int = DEFAULT
         _write_shards(staging, tensors, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        # an export without a manifest (an older spacejax) may have left these
-        integrity.publish(staging, out_dir, marker=CONFIG_FILE, stale=(SINGLE_FILE, INDEX_FILE))
+        # the weight files of an export without a manifest (an older spacejax, save_pretrained)
+        earlier = [file.name for file in out_dir.glob(SHARD_PATTERN)] if out_dir.exists() else []
+        integrity.publish(staging, out_dir, marker=CONFIG_FILE, stale=(SINGLE_FILE, INDEX_FILE, *earlier))
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
