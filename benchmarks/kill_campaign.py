@@ -120,17 +120,15 @@ def main(argv=None) -> int:
     failed = [t for t in trials if t["difference"]]
     print(f"{len(trials) - len(failed)} of {len(trials)} resumed runs ended bitwise equal to the uninterrupted one")
     if args.write:
-        begin, end = report.markers(SECTION)
         rows = [f"| {t['kill_after_s']:.1f} | {t['stopped']} | {'bitwise equal' if not t['difference'] else t['difference']} |"
                 for t in sorted(trials, key=lambda t: t["kill_after_s"])]
-        report.write_section(SECTION, "\n".join([
-            begin, "## SIGKILL at random points, then resume", "",
-            f"`{report.command_line(__file__, argv)}`", "",
+        report.write_titled_section(
+            SECTION, "SIGKILL at random points, then resume", f"`{report.command_line(__file__, argv)}`",
             f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, 1-minute load {load:.2f}. "
-            f"tiny_space with {' '.join(OVERRIDES)}: SFT warm-up and 2 iterations.", "",
+            f"tiny_space with {' '.join(OVERRIDES)}: SFT warm-up and 2 iterations.",
             f"**{len(trials) - len(failed)} of {len(trials)}** resumed runs ended bitwise equal to the uninterrupted "
-            "run (every phase's final params, eval.json, step metrics).", "",
-            "| kill after (s) | what the killed run had reached | resumed run |", "|---:|---|---|", *rows, end]))
+            "run (every phase's final params, eval.json, step metrics).",
+            "\n".join(["| kill after (s) | what the killed run had reached | resumed run |", "|---:|---|---|", *rows]))
     return 1 if failed else 0
 
 

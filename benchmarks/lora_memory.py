@@ -68,13 +68,12 @@ def main(argv=None) -> dict:
     text = "\n".join(lines)
     print(text)
     if args.write:
-        begin, end = report.markers(SECTION)
-        report.write_section(SECTION, "\n".join([
-            begin, "## LoRA train-step memory", "",
+        report.write_titled_section(
+            SECTION, "LoRA train-step memory",
             f"`{report.command_line(__file__, argv)}`: the train step of configs/throughput.yaml (56M float32 Llama, "
             f"SPIN, RMSprop, 4 pairs x 256 tokens) compiled on one device, full and with LoRA rank {args.rank} "
             f"(alpha {2 * args.rank}) on all seven projections; XLA's `compiled.memory_analysis()` beside "
-            "`spacejax plan`'s estimate.", "", text, end]))
+            "`spacejax plan`'s estimate.", text)
     return rows
 
 

@@ -36,3 +36,9 @@ def write_section(name: str, section: str) -> None:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     BENCHMARKS_MD.write_text(text)
     print(f"updated {BENCHMARKS_MD}")
+
+
+def write_titled_section(name: str, title: str, *paragraphs: str) -> None:
+    """Section `name` as a `## title` heading and `paragraphs` separated by blank lines."""
+    begin, end = markers(name)
+    write_section(name, "\n".join([begin, f"## {title}", "", "\n\n".join(paragraphs), end]))

@@ -82,12 +82,11 @@ def main(argv=None) -> dict:
     text = "\n".join(lines)
     print(text)
     if args.write:
-        begin, end = report.markers(SECTION)
-        report.write_section(SECTION, "\n".join([
-            begin, "## Train step: traced hyperparameters against constants (issue 15)", "",
+        report.write_titled_section(
+            SECTION, "Train step: traced hyperparameters against constants (issue 15)",
             f"`{report.command_line(__file__, argv)}`: {args.repeats} alternating rounds on the model and "
-            "batch of `spacejax bench throughput` (configs/throughput.yaml: 56M float32 Llama, SPIN, RMSprop).", "",
-            text, end]))
+            "batch of `spacejax bench throughput` (configs/throughput.yaml: 56M float32 Llama, SPIN, RMSprop).",
+            text)
     return seconds
 
 
