@@ -19,7 +19,8 @@ Padding: `attention_mask [B, L]` marks real tokens. Padded tokens are never atte
 own outputs are finite but meaningless. Positions default to the running count of real tokens,
 so left- and right-padded batches give every real token the position it would have alone.
 Causality is decided by positions (a query attends to keys whose position is not larger), and a
-sliding window masks keys with `q_pos - k_pos >= window`, as Mistral does.
+sliding window masks keys with `q_pos - k_pos >= window`, as Mistral does. How attention computes
+that rule (`model.attention`: an einsum, cuDNN, the splash kernel) is spacejax.attention's.
 """
 
 from __future__ import annotations
@@ -33,11 +34,10 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from spacejax import axes
+from spacejax import attention, axes
 from spacejax.config import ModelConfig
 
 INIT_STD = 0.02  # Hugging Face's initializer_range for these families
-MASKED_SCORE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully masked rows give no NaN
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -117,16 +117,6 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotated * sin
 
 
-def attention_mask_for(cfg: ModelConfig, query_positions: jax.Array, key_positions: jax.Array) -> jax.Array:
-    """[B, L] query and [B, S] key positions (-1 = no key) -> [B, L, S] bool, True = may attend."""
-    q = query_positions[:, :, None]
-    k = key_positions[:, None, :]
-    allowed = (k >= 0) & (k <= q)
-    if cfg.sliding_window is not None:
-        allowed &= q - k < cfg.sliding_window
-    return allowed
-
-
 def split_batch(x: jax.Array) -> jax.Array:
     """Keep an activation [B, ...] split by the `batch` rule on the mesh in context
     (`jax.set_mesh`), so fsdp-sharded weights do not leave activations replicated over fsdp.
@@ -164,35 +154,24 @@ class Attention(nn.Module):
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (head_axis, "head_dim")))
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, layer_cache, cache_index):
-        """x [B, L, H]; cos, sin [B, L, D]; mask [B, L, S] with S = L without a cache, the cache
-        length with one; layer_cache: None or (keys, values) [B, K, S, D], written at the rows'
-        slots cache_index [B]. Returns ([B, L, H], cache)."""
+    def __call__(self, x, cos, sin, mask, key_positions, layer_cache, cache_index):
+        """x [B, L, H]; cos, sin [B, L, D]; mask [B, L, S] (`attention.mask_for`) and key_positions
+        [B, S] with S = L without a cache, the cache length with one; layer_cache: None or
+        (keys, values) [B, K, S, D], written at the rows' slots cache_index [B]. Returns
+        ([B, L, H], cache)."""
         cfg = self.cfg
         q = self._projection("q_proj", cfg.num_heads, "heads", cfg.qkv_bias)(x)
         k = self._projection("k_proj", cfg.num_kv_heads, "kv_heads", cfg.qkv_bias)(x)
         v = self._projection("v_proj", cfg.num_kv_heads, "kv_heads", cfg.qkv_bias)(x)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if layer_cache is None:
-            keys = "bskd"  # as projected
+            out = attention.attend(cfg, q, k, v, mask, key_positions)
         else:  # the cache's heads-first layout, which the decode step's products read fastest
-            keys = "bksd"
             cached_k, cached_v = layer_cache
             k = write_rows(cached_k, k.transpose(0, 2, 1, 3), cache_index, axis=2)
             v = write_rows(cached_v, v.transpose(0, 2, 1, 3), cache_index, axis=2)
             layer_cache = (k, v)
-        batch, length = q.shape[:2]
-        groups = cfg.num_heads // cfg.num_kv_heads
-        q = q.reshape(batch, length, cfg.num_kv_heads, groups, cfg.head_dim)
-        scores = jnp.einsum(f"blkgd,{keys}->bkgls", q, k, preferred_element_type=jnp.float32)
-        scores = scores / math.sqrt(cfg.head_dim)
-        scores = jnp.where(mask[:, None, None, :, :], scores, MASKED_SCORE)
-        probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
-        if layer_cache is None:
-            out = jnp.einsum("bkgls,bskd->blkgd", probs, v)
-        else:  # batched over (b, k) like the scores: XLA:CPU runs the "->blkgd" form as a slow generic dot
-            out = jnp.einsum("bkgls,bksd->bkgld", probs, v).transpose(0, 3, 1, 2, 4)
-        out = out.reshape(batch, length, cfg.num_heads, cfg.head_dim)
+            out = attention.attend_cache(cfg, q, k, v, mask)
         out = nn.DenseGeneral(
             features=cfg.hidden_size, axis=(-2, -1), use_bias=cfg.out_bias, name="o_proj",
             dtype=cfg.dtype, param_dtype=cfg.param_dtype,
@@ -225,9 +204,9 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, layer_cache, cos, sin, mask, cache_index):
+    def __call__(self, x, layer_cache, cos, sin, mask, key_positions, cache_index):
         attn_out, layer_cache = Attention(self.cfg, name="self_attn")(
-            RMSNorm(self.cfg, name="input_layernorm")(x), cos, sin, mask, layer_cache, cache_index)
+            RMSNorm(self.cfg, name="input_layernorm")(x), cos, sin, mask, key_positions, layer_cache, cache_index)
         x = x + attn_out
         x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="post_attention_layernorm")(x))
         return split_batch(x), layer_cache
@@ -249,15 +228,15 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(cfg, positions)
         new_key_positions = jnp.where(attention_mask, positions, -1).astype(jnp.int32)
         if cache is None:
-            mask = attention_mask_for(cfg, positions, new_key_positions)
-            x, _ = self._layer_stack()(x, None, cos, sin, mask, None)
+            mask = attention.mask_for(cfg, positions, new_key_positions)
+            x, _ = self._layer_stack()(x, None, cos, sin, mask, new_key_positions, None)
         else:
             key_positions = write_rows(cache.key_positions, new_key_positions, cache.index)
-            mask = attention_mask_for(cfg, positions, key_positions)
+            mask = attention.mask_for(cfg, positions, key_positions)
             keys, values = [], []
             for i in range(cfg.num_layers):
                 x, (layer_keys, layer_values) = Block(cfg, name=f"layers_{i}")(
-                    x, (cache.keys[i], cache.values[i]), cos, sin, mask, cache.index)
+                    x, (cache.keys[i], cache.values[i]), cos, sin, mask, key_positions, cache.index)
                 keys.append(layer_keys)
                 values.append(layer_values)
             cache = Cache(keys=tuple(keys), values=tuple(values), key_positions=key_positions,
@@ -281,7 +260,7 @@ class Transformer(nn.Module):
             block = nn.remat(Block, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
         return nn.scan(
             block, variable_axes={"params": 0}, split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=self.cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(self.cfg, name="layers")
 
 

@@ -17,6 +17,7 @@ from spacejax.config.plain import ConfigError, from_dict, to_dict
 ARCHITECTURES = ("llama", "mistral", "qwen2")
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16")
+ATTENTION = ("auto", "reference", "dot_product", "splash")
 
 
 def check_choice(key: str, value, choices) -> None:
@@ -69,12 +70,15 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype; log-softmax and losses are always float32
     remat: str = "none"  # "none" | "full" (recompute the block) | "dots" (save matmul outputs)
+    # how attention is computed (spacejax.attention): auto picks per backend; reference is the einsum
+    attention: str = "auto"
     bos_token_id: Optional[int] = None
     eos_token_ids: tuple[int, ...] = ()  # generation stops at any of these
 
     def __post_init__(self):
         check_choice("model.architecture", self.architecture, ARCHITECTURES)
         check_choice("model.remat", self.remat, REMAT_POLICIES)
+        check_choice("model.attention", self.attention, ATTENTION)
         check_choice("model.param_dtype", self.param_dtype, DTYPES)
         check_choice("model.dtype", self.dtype, DTYPES)
         positive("model", self, "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",

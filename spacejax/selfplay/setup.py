@@ -73,7 +73,8 @@ def check_init_from(cfg: RunConfig) -> None:
 
 def initial_params(cfg: RunConfig, mesh) -> tuple:
     """(ModelConfig, params of theta_0 before any SFT), placed on the mesh."""
-    keep = {"param_dtype": cfg.model.param_dtype, "dtype": cfg.model.dtype, "remat": cfg.model.remat}
+    keep = {"param_dtype": cfg.model.param_dtype, "dtype": cfg.model.dtype, "remat": cfg.model.remat,
+            "attention": cfg.model.attention}
     if cfg.init_from is None:
         model_cfg = cfg.model
         params = jax.jit(lambda rng: model.init(model_cfg, rng), out_shardings=sharding.param_shardings(model_cfg, mesh))(
