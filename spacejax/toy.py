@@ -7,7 +7,9 @@ including END: the token at the last allowed place is END with probability one. 
 `log p_data(y | x)` is exact, and `KL(p_data || p_theta) = E_{y ~ p_data}[log p_data(y|x) -
 log p_theta(y|x)]` is estimated without bias from samples.
 
-Token ids: PAD 0, BOS 1, END 2, contexts 3 .. 3+C-1, symbols 3+C .. 3+C+S-1.
+Token ids: PAD 0, BOS 1, END 2, contexts 3 .. 3+C-1, symbols 3+C .. 3+C+S-1. As text
+(`KnownTruth.tokenizer`, for text benchmarks such as lm-eval tasks): `<pad> <bos> <end> c0 .. s0 ..`,
+one word per token, separated by spaces.
 """
 
 from __future__ import annotations
@@ -46,6 +48,24 @@ class KnownTruth:
     @property
     def first_symbol(self) -> int:
         return FIRST_CONTEXT + self.task.num_contexts
+
+    def words(self) -> list[str]:
+        """The text of every token id, in id order."""
+        return (["<pad>", "<bos>", "<end>"] + [f"c{i}" for i in range(self.task.num_contexts)]
+                + [f"s{i}" for i in range(self.task.num_symbols)])
+
+    def tokenizer(self):
+        """A word-level `transformers` tokenizer of the task's tokens (`words`): text in, token ids
+        out, no special tokens added, decoded with spaces between the words."""
+        import tokenizers
+        import transformers
+
+        vocab = {word: i for i, word in enumerate(self.words())}
+        model = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<pad>"))
+        model.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+        model.decoder = tokenizers.decoders.WordPiece(prefix="##")  # joins the words with spaces
+        return transformers.PreTrainedTokenizerFast(tokenizer_object=model, pad_token="<pad>", bos_token="<bos>",
+                                                    eos_token="<end>", name_or_path="spacejax-toy")
 
     def prompts(self, contexts: np.ndarray) -> np.ndarray:
         """contexts [N] -> prompt token ids [N, 2]."""

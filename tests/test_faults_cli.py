@@ -462,7 +462,7 @@ def test_an_override_after_an_option_reaches_the_config(tmp_path, capsys):
 
 
 def test_help_and_usage_errors_still_come_from_argparse(capsys):
-    for argv, expected in ((["--help"], "{convert,train,generate,plan,bench,plot}"), (["train", "--help"], "--workdir"),
+    for argv, expected in ((["--help"], "{convert,train,generate,answer,eval,plan,bench,plot}"), (["train", "--help"], "--workdir"),
                            (["bench", "throughput", "--help"], "--sampler-batches")):
         with pytest.raises(SystemExit) as info:
             cli.main(argv)

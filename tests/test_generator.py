@@ -68,7 +68,9 @@ def test_scorer_greedy_flags_match_the_samplers_greedy_continuations():
     scorer = Scorer(CFG, mesh, batch_size=8, progress=False)
     logps, is_greedy = scorer.score(PARAMS, rows, greedy=True)
     assert is_greedy.tolist() == [True] * 5 + [False] * 5
-    np.testing.assert_array_equal(logps, scorer.score(PARAMS, rows))
+    # the same forward and projection; the argmax beside the log-sum-exp changes how XLA fuses the
+    # chunk loop, so the two agree to float32 rounding, not bitwise
+    np.testing.assert_allclose(logps, scorer.score(PARAMS, rows), rtol=1e-6)
     # the summed log-probs are those of the model's own log-softmax
     logits, _ = model.apply(CFG, PARAMS, rows["tokens"], attention_mask=rows["attention_mask"])
     token_logps = np.take_along_axis(np.asarray(jax.nn.log_softmax(logits[:, :-1])), rows["tokens"][:, 1:, None],

@@ -353,6 +353,7 @@ def test_metrics_on_a_hand_computed_batch():
         "rewards/accuracies": 0.75,            # margins [[1, 5], [-1.5, 1]]
         "rewards/real_scaled": 0.25, "rewards/generated_scaled": -0.4375, "rewards/margins_scaled": 0.6875,
         "logps/real": -9.5, "logps/generated": -5.875,
+        "rewards/chosen": 0.25, "rewards/rejected": -0.4375, "logps/chosen": -9.5, "logps/rejected": -5.875,  # TRL's
         "logps/real_per_token": (-8.0 / 4 - 11.0 / 11) / 2,
         "logps/generated_per_token": (-4.0 / 2 - 8.0 / 4 - 4.5 / 1 - 7.0 / 7) / 4,
         # beta a = [1, -0.5] vs log 2 = 0.69: only row 0's real is classified, and both its
@@ -367,8 +368,10 @@ def test_metrics_on_a_hand_computed_batch():
 def test_every_loss_reports_the_design_metric_names():
     logps, counts = random_inputs(5, samples=3)
     common = {"loss", "rewards/real", "rewards/generated", "rewards/margins", "rewards/accuracies",
-              "logps/real", "logps/generated", "logps/real_per_token", "logps/generated_per_token"}
-    scaled = {"rewards/real_scaled", "rewards/generated_scaled", "rewards/margins_scaled"}
+              "logps/real", "logps/generated", "logps/real_per_token", "logps/generated_per_token",
+              "logps/chosen", "logps/rejected"}
+    scaled = {"rewards/real_scaled", "rewards/generated_scaled", "rewards/margins_scaled", "rewards/chosen",
+              "rewards/rejected"}
     for kind, fn in losses.LOSSES.items():
         _, metrics = fn(*logps, real_token_counts=counts[0], generated_token_counts=counts[1])
         expected = common | (set() if kind == "sft" else scaled) | ({"nce/accuracy"} if kind == "space" else set())

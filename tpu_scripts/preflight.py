@@ -114,9 +114,22 @@ def local_path(cfg, key: str):
     value = cfg
     for part in key.split("."):
         value = getattr(value, part)
+    if key == "init_from" and value:
+        value = resolved_init_from(cfg)
     if not value or value == "toy" or "://" in value or value.startswith("tfds:"):
         return None
     return value
+
+
+def resolved_init_from(cfg) -> str:
+    """init_from as this host reads it: a hub id is its snapshot in this host's Hugging Face cache
+    (when the cache lacks it, the id itself, which then shows as missing)."""
+    from spacejax import config as config_lib, hf
+
+    try:
+        return hf.resolve_init_from(cfg.init_from, cfg.init_from_revision)
+    except config_lib.ConfigError:
+        return cfg.init_from
 
 
 def path_status(cfg) -> list[int]:

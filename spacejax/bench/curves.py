@@ -282,8 +282,12 @@ def summary(curves: dict) -> str:
 # ----------------------------------------------------------------------------------- plots
 
 
+BENCHMARK_PREFIX = "eval/lm_eval/"
+
+
 def plot(curves: dict, out) -> list[Path]:
-    """kl.png and steps.png under `out`; returns their paths."""
+    """kl.png and steps.png under `out`, and benchmarks.png when the runs have lm-eval scores;
+    returns their paths."""
     import matplotlib
     import matplotlib.ticker
     from matplotlib.figure import Figure  # no pyplot: any backend (a notebook's inline one too) is left alone
@@ -363,7 +367,47 @@ def plot(curves: dict, out) -> list[Path]:
     fig.tight_layout(rect=(0, 0.05, 1, 0.97))
     written.append(out / "steps.png")
     fig.savefig(written[-1], dpi=110)
+    if benchmark_keys(curves):
+        written.append(plot_benchmarks(curves, out / "benchmarks.png", methods, colors, styles))
     return written
+
+
+def benchmark_keys(curves: dict) -> list[str]:
+    """The lm-eval scores among the evaluation records (their standard errors left out)."""
+    return sorted({k for r in curves["records"] if r["record"] == "eval" for k in r
+                   if k.startswith(BENCHMARK_PREFIX) and not k.endswith("_stderr")})
+
+
+def plot_benchmarks(curves: dict, path: Path, methods, colors, styles) -> Path:
+    """One panel per lm-eval score: its mean over seeds per iteration (-1 = theta_0), band = min-max."""
+    from matplotlib.figure import Figure
+
+    keys = benchmark_keys(curves)
+    columns = min(len(keys), 3)
+    rows = -(-len(keys) // columns)
+    fig = Figure(figsize=(4.5 * columns, 3.5 * rows))
+    axes = np.atleast_1d(fig.subplots(rows, columns, squeeze=False)).flat
+    for key, ax in zip(keys, axes):
+        for method in methods:
+            by_iteration: dict = {}
+            for r in curves["records"]:
+                if r["record"] == "eval" and r["method"] == method and key in r:
+                    by_iteration.setdefault(r["iteration"], []).append(_float(r[key]))
+            if not by_iteration:
+                continue
+            its = sorted(by_iteration)
+            values = [np.array(by_iteration[i]) for i in its]
+            ax.plot(its, [v.mean() for v in values], styles[method], marker="o", color=colors[method], label=method)
+            ax.fill_between(its, [v.min() for v in values], [v.max() for v in values], color=colors[method],
+                            alpha=0.12)
+        ax.set_title(key[len(BENCHMARK_PREFIX):], fontsize=10)
+        ax.set_xlabel("iteration (-1 = theta_0)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    fig.suptitle("lm-eval scores per iteration (mean over seeds, band = min-max)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
 
 
 def plot_workdirs(workdirs: Sequence, out) -> list[Path]:

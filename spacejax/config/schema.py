@@ -125,6 +125,11 @@ class DataConfig:
     tfds_data_dir: Optional[str] = None
     tokenizer: Optional[str] = None  # a local tokenizer directory; required for text sources
     num_train: int = 256  # N real pairs used by every iteration (0: all rows after the eval rows)
+    # A fixed training subset (SPIN's 50k of UltraChat): a file of row ids, one a line (or a .json
+    # list). The training rows are these, in the file's order (the first num_train of them; 0: all);
+    # the num_eval held-out rows are drawn from the rows it does not list (spacejax.sources has the rules).
+    row_ids: Optional[str] = None
+    row_id_field: Optional[str] = None  # null: the ids are row positions (from 0); else a row field, e.g. prompt_id
     num_eval: int = 64  # held-out real pairs for per-iteration evaluation
     max_length: int = 1024
     max_prompt_length: int = 512
@@ -139,11 +144,29 @@ class DataConfig:
         if self.max_prompt_length >= self.max_length:
             raise ConfigError(f"data.max_prompt_length ({self.max_prompt_length}) must be smaller than "
                               f"data.max_length ({self.max_length})")
+        if self.row_id_field is not None and self.row_ids is None:
+            raise ConfigError("data.row_id_field is set but data.row_ids is not: set data.row_ids to the file of "
+                              "row ids, or drop data.row_id_field")
+        if self.row_ids is not None and self.source == "toy":
+            raise ConfigError("data.row_ids selects rows of a data file, and data.source=toy has none: set "
+                              "data.source to a file or drop data.row_ids")
+
+
+PROMPT_FORMATS = ("chat", "spin")
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
-    """How the opponent generates synthetic responses (top_k 0 and top_p 1 switch those filters off)."""
+    """How the opponent generates synthetic responses (top_k 0 and top_p 1 switch those filters off).
+
+    `prompt_format`: what the opponent generates from. "chat" (the default): the training prompt,
+    the chat template's rendering. "spin": SPIN's generation prompt (`spacejax.data.SPIN_PROMPT`,
+    spin/generate.py: "### Instruction: {prompt}\n\n### Response: ", no special tokens) for
+    generation ONLY; the pairs are still scored and trained under the chat template, as SPIN does.
+    This breaks the assumption that the synthetic responses are the opponent's samples under the
+    prompt they are trained with (SPACE's estimator rests on it), so it is refused with
+    loss.kind=space unless `force_prompt_format`. Fixed for a run (not in selfplay.from_iteration).
+    """
 
     max_new_tokens: int = 256
     temperature: float = 1.0
@@ -151,9 +174,12 @@ class SamplerConfig:
     top_p: float = 1.0
     num_samples: int = 1  # K synthetic responses per prompt
     batch_size: int = 64
+    prompt_format: str = "chat"  # chat | spin (SPIN's `### Instruction:` prompt, generation only)
+    force_prompt_format: bool = False  # allow prompt_format=spin with loss.kind=space
 
     def __post_init__(self):
         positive("sampler", self, "max_new_tokens", "num_samples", "batch_size")
+        check_choice("sampler.prompt_format", self.prompt_format, PROMPT_FORMATS)
         if self.temperature < 0:
             raise ConfigError(f"sampler.temperature must be >= 0 (0 is greedy), got {self.temperature}")
         if self.top_k < 0:
@@ -369,13 +395,49 @@ class TrackingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LmEvalConfig:
+    """lm-evaluation-harness tasks scored on theta_0 and on every `every`-th theta_{t+1} (and the
+    last) by the `lm_eval` evaluator (the `lm_eval` extra). `tasks`: lm-eval task names, found in
+    lm-eval's own task folder or in `include_path` (a folder of task YAML files); `limit`,
+    `num_fewshot` and `apply_chat_template` mean what lm-eval's flags of those names mean."""
+
+    tasks: tuple[str, ...] = ()
+    every: int = 1
+    limit: Optional[float] = None
+    num_fewshot: Optional[int] = None
+    include_path: Optional[str] = None
+    batch_size: int = 8  # rows per scoring call (a multiple of the mesh's data x fsdp size)
+    max_gen_toks: int = 256  # generation tasks: lm-eval's default token limit when a task sets none
+    apply_chat_template: bool = False
+
+    def __post_init__(self):
+        positive("eval.lm_eval", self, "every", "batch_size", "max_gen_toks")
+        if self.limit is not None:
+            positive("eval.lm_eval", self, "limit")
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise ConfigError(f"eval.lm_eval.num_fewshot must be >= 0 or null, got {self.num_fewshot}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Benchmarks run by the loop's evaluators besides `selfplay.evaluators`' own values."""
+
+    lm_eval: LmEvalConfig = LmEvalConfig()
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """Everything a run needs. `init_from`: a Hugging Face directory or a spacejax params
-    checkpoint for theta_0 (its architecture replaces `model`'s, its dtypes and remat are kept from
-    `model`); null initialises `model` at random."""
+    """Everything a run needs. `init_from`: a Hugging Face directory, a Hugging Face hub id (read
+    from the local Hugging Face cache, never downloaded) or a spacejax params checkpoint for
+    theta_0 (its architecture replaces `model`'s, its dtypes and remat are kept from `model`); null
+    initialises `model` at random. `init_from_revision`: the revision (a commit hash pins it; a
+    branch or tag is resolved through the cache's refs) of a hub id, or the one a cache snapshot
+    directory (.../snapshots/<commit>/) must be; refused for any other directory
+    (`spacejax.hf.resolve_init_from`). Both are recorded in the run's config.yaml."""
 
     seed: int = 0
     init_from: Optional[str] = None
+    init_from_revision: Optional[str] = None
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     sampler: SamplerConfig = SamplerConfig()
@@ -386,18 +448,41 @@ class RunConfig:
     checkpoint: CheckpointConfig = CheckpointConfig()
     tracking: TrackingConfig = TrackingConfig()
     lora: LoraConfig = LoraConfig()
+    eval: EvalConfig = EvalConfig()
 
     def __post_init__(self):
+        if self.init_from_revision is not None and self.init_from is None:
+            raise ConfigError("init_from_revision is set but init_from is null: set init_from to the hub id (or "
+                              "cache snapshot) it is a revision of, or drop init_from_revision")
+        check_prompt_format(self)
         if self.checkpoint.export_adapter and not (self.lora.enabled and self.checkpoint.export_hf):
             raise ConfigError("checkpoint.export_adapter needs lora.rank set and checkpoint.export_hf=true (an "
                               "iteration's adapter is exported against the previous iteration's export)")
         for change in self.selfplay.from_iteration:  # every scheduled value is checked at load time
             try:
-                with_overrides(self, [parse_scheduled(change)[1]])
+                phase = with_overrides(self, [parse_scheduled(change)[1]])
             except ConfigError as error:
                 raise ConfigError(f"selfplay.from_iteration entry {change!r}: {error}") from None
+            if (phase.sampler.prompt_format, phase.sampler.force_prompt_format) != (
+                    self.sampler.prompt_format, self.sampler.force_prompt_format):
+                raise ConfigError(f"selfplay.from_iteration entry {change!r}: sampler.prompt_format and "
+                                  "sampler.force_prompt_format are fixed for a run (the prompts are made once); "
+                                  "set them at the top level")
         if -1 not in (self.mesh.data, self.mesh.fsdp):  # else the device count decides, at run time
             check_batch_sizes(self, self.mesh.data * self.mesh.fsdp)
+
+
+def check_prompt_format(cfg: RunConfig) -> None:
+    """sampler.prompt_format=spin with loss.kind=space: refused unless sampler.force_prompt_format
+    (SamplerConfig says why). Every scheduled phase is a RunConfig too, so each is checked."""
+    if cfg.sampler.prompt_format == "spin" and cfg.loss.kind == "space" and not cfg.sampler.force_prompt_format:
+        raise ConfigError("sampler.prompt_format=spin generates under SPIN's `### Instruction:` prompt but "
+                          "loss.kind=space trains under the chat template, and SPACE assumes its synthetic responses "
+                          "are the opponent's samples under the training prompt: use sampler.prompt_format=chat, or "
+                          "set sampler.force_prompt_format=true to run it anyway")
+    if cfg.sampler.prompt_format == "spin" and cfg.data.source == "toy":
+        raise ConfigError("sampler.prompt_format=spin writes text prompts, and data.source=toy has none: use "
+                          "sampler.prompt_format=chat or a text data source")
 
 
 def load(path, overrides: typing.Sequence[str] = ()) -> RunConfig:

@@ -48,6 +48,19 @@ function of the scores and the settings for every loss:
 Rewards are always the sequence-level ones, also for IPO (whose loss uses per-token means), so
 curves of different kinds are comparable. Scores of the real responses alone have only `loss`
 and the `logps/real` metrics.
+
+TRL's names (its DPOTrainer's, with TRL's meaning: chosen = the real response y, rejected = the
+synthetic y'_k), logged alongside ours for pair scores:
+    rewards/chosen                mean beta * a    (losses with a beta)
+    rewards/rejected              mean beta * b_k  (losses with a beta)
+    logps/chosen, logps/rejected  mean policy log-probs of y and y'_k
+as TRL computes them from the log-probs its loss reads: sequence sums, but per-token means for
+IPO (TRL averages IPO's log-probs over the tokens; `Loss.token_mean_logps`), so for IPO these are
+not `rewards/real_scaled` and `logps/real`. TRL's `rewards/margins` (beta * (a - b)) and SPIN's
+own `rewards/real`, `rewards/generated`, `rewards/margins` (spin/alignment/trainer.py: beta * r)
+are scaled by beta, while ours of those names are the raw r: compare theirs with our
+`rewards/real_scaled`, `rewards/generated_scaled`, `rewards/margins_scaled`.
+`rewards/accuracies` means the same in all three.
 """
 
 from __future__ import annotations
@@ -146,9 +159,10 @@ class TokenMean(NamedTuple):
     counts: Array  # [B]
 
 
-def _metrics(loss: Array, scores: Scores, settings: Mapping[str, object]) -> Metrics:
+def _metrics(loss: Array, scores: Scores, settings: Mapping[str, object], token_mean_logps: bool = False) -> Metrics:
     """The metrics of the module docstring: the batch's `loss` [], the rewards and log-probs of
-    `scores`, the `_scaled` rewards for settings with a `beta`, `nce/accuracy` with a `mu`."""
+    `scores`, the `_scaled` rewards for settings with a `beta`, `nce/accuracy` with a `mu`, and
+    TRL's names (`_trl_metrics`)."""
     policy_real = scores.policy_real_logps
     out = {"loss": loss, "logps/real": jnp.mean(policy_real)}
     if scores.real_token_counts is not None:
@@ -175,6 +189,25 @@ def _metrics(loss: Array, scores: Scores, settings: Mapping[str, object]) -> Met
         log_mu, beta = jnp.log(settings["mu"]), settings["beta"]
         classified = (beta * real[:, None] > log_mu) & (beta * generated < log_mu)
         out["nce/accuracy"] = jnp.mean(classified.astype(real.dtype))
+    out.update(_trl_metrics(scores, settings, token_mean_logps))
+    return out
+
+
+def _trl_metrics(scores: Scores, settings: Mapping[str, object], token_mean_logps: bool) -> Metrics:
+    """TRL's `logps/chosen`, `logps/rejected` and (with a `beta`) `rewards/chosen`, `rewards/rejected`
+    of pair scores (module docstring): of per-token mean log-probs where `token_mean_logps`."""
+    if token_mean_logps:
+        real_counts, generated_counts = scores.required("real_token_counts", "generated_token_counts")
+        chosen = per_token_mean(scores.policy_real_logps, real_counts)                    # [B]
+        rejected = per_token_mean(scores.policy_generated_logps, generated_counts)        # [B, K]
+        real, generated = scores.per_token_rewards
+    else:
+        chosen, rejected = scores.policy_real_logps, scores.policy_generated_logps
+        real, generated = scores.rewards
+    out = {"logps/chosen": jnp.mean(chosen), "logps/rejected": jnp.mean(rejected)}
+    if "beta" in settings:
+        out["rewards/chosen"] = settings["beta"] * jnp.mean(real)
+        out["rewards/rejected"] = settings["beta"] * jnp.mean(generated)
     return out
 
 
@@ -185,13 +218,15 @@ def _metrics(loss: Array, scores: Scores, settings: Mapping[str, object]) -> Met
 class Loss:
     """A loss kind: `formula(scores, **settings)` -> per-pair loss [B] (or a TokenMean), its float
     `hyperparameters` {name: default} and static `options` {name: (default, *other choices)}.
-    `config_keys` names the LossConfig field of a setting whose field has another name."""
+    `config_keys` names the LossConfig field of a setting whose field has another name.
+    `token_mean_logps`: the loss reads per-token mean log-probs (IPO), as TRL's metrics then do."""
 
     name: str
     formula: Callable[..., Array | TokenMean]
     hyperparameters: Mapping[str, float] = dataclasses.field(default_factory=dict)
     options: Mapping[str, tuple] = dataclasses.field(default_factory=dict)
     config_keys: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    token_mean_logps: bool = False
 
     @property
     def defaults(self) -> dict[str, object]:
@@ -229,7 +264,7 @@ class Loss:
             per_pair = per_token_mean(per_pair.summed, per_pair.counts)
         else:
             loss = jnp.mean(per_pair)
-        return per_pair, _metrics(loss, scores, settings)
+        return per_pair, _metrics(loss, scores, settings, self.token_mean_logps)
 
     def __call__(self, policy_real_logps, policy_generated_logps, opponent_real_logps, opponent_generated_logps,
                  *settings, real_token_counts=None, generated_token_counts=None,
@@ -318,7 +353,7 @@ LOSSES: dict[str, Loss] = {loss.name: loss for loss in (
     Loss("spin", _spin, {"beta": 0.1}, {"kind": ("sigmoid", "hinge")}, config_keys={"kind": "spin_kind"}),
     Loss("dpo", _dpo, {"beta": 0.1, "label_smoothing": 0.0}),
     Loss("hinge", _hinge, {"beta": 0.1}),
-    Loss("ipo", _ipo, {"beta": 0.1}),
+    Loss("ipo", _ipo, {"beta": 0.1}, token_mean_logps=True),
     Loss("nca_pair", _nca_pair, {"beta": 0.1}),
     Loss("sppo_hard", _sppo_hard, {"beta": 0.1}),
     Loss("sft", _sft, options={"per_token": (False, True)}),

@@ -82,55 +82,71 @@ def sequence_logps_from_hidden(hidden: Array, output_kernel: Array, tokens: Arra
     return token_logps.sum(axis=-1), target_counts(loss_mask)
 
 
+def sequence_logps_and_greedy_from_hidden(hidden: Array, output_kernel: Array, tokens: Array, loss_mask: Array,
+                                          chunk_length: int = LOGIT_CHUNK_LENGTH) -> tuple[Array, Array]:
+    """`sequence_logps_from_hidden`'s log-probs [B] (the same up to float32 rounding: XLA fuses the
+    loop differently with the argmax in it) and, from the same chunked
+    projection, whether every target token is the argmax of the logits before it [B] bool (rows
+    without targets: True): lm-eval's `is_greedy`. Not differentiable."""
+    next_tokens, is_target = _shifted_targets(tokens, loss_mask)
+    token_logps, _, argmax = _all_chunks(hidden, output_kernel, next_tokens, is_target, chunk_length, False, True)
+    length = hidden.shape[1]
+    greedy = jnp.all((argmax[:, :length] == next_tokens) | ~is_target, axis=-1)
+    return token_logps[:, :length].sum(axis=-1), greedy
+
+
 def _padded(x: Array, chunk_length: int) -> Array:
     """[B, L, ...] zero-padded along L to a multiple of chunk_length."""
     padding = -x.shape[1] % chunk_length
     return jnp.pad(x, [(0, 0), (0, padding)] + [(0, 0)] * (x.ndim - 2))
 
 
-def _chunk_logps(hidden, output_kernel, next_tokens, is_target, with_logit_grads: bool):
+def _chunk_logps(hidden, output_kernel, next_tokens, is_target, with_logit_grads: bool, with_argmax: bool = False):
     """One chunk of c positions: hidden [B, c, H] -> (token log-probs [B, c] f32, 0 off target;
-    with `with_logit_grads` also their gradient with respect to the chunk's logits [B, c, V])."""
+    with `with_logit_grads` their gradient with respect to the chunk's logits [B, c, V], else None;
+    with `with_argmax` the argmax of each position's logits [B, c] int32, else None)."""
     logits = jnp.dot(hidden, output_kernel, preferred_element_type=jnp.float32)                 # [B, c, V]
     log_normalizers = jax.nn.logsumexp(logits, axis=-1)                                        # [B, c]
     is_token = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2) == next_tokens[..., None]
     target_logits = jnp.sum(jnp.where(is_token, logits, 0.0), axis=-1)
     token_logps = jnp.where(is_target, target_logits - log_normalizers, 0.0)
+    argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32) if with_argmax else None
     if not with_logit_grads:
-        return token_logps, None
+        return token_logps, None, argmax
     softmax = jnp.exp(logits - log_normalizers[..., None])
     logit_grads = jnp.where(is_target[..., None], is_token - softmax, 0.0).astype(hidden.dtype)
-    return token_logps, logit_grads
+    return token_logps, logit_grads, argmax
 
 
-def _all_chunks(hidden, output_kernel, next_tokens, is_target, chunk_length, with_logit_grads):
+def _all_chunks(hidden, output_kernel, next_tokens, is_target, chunk_length, with_logit_grads, with_argmax=False):
     """A loop over chunks of positions, writing in place: (token log-probs [B, L'] f32, logit
-    gradients [B, L', V] or None), L' = L padded to whole chunks. The batch stays the leading
-    axis throughout, so a batch-sharded input needs no resharding."""
+    gradients [B, L', V] or None, argmax [B, L'] int32 or None), L' = L padded to whole chunks.
+    The batch stays the leading axis throughout, so a batch-sharded input needs no resharding."""
     hidden, next_tokens, is_target = (_padded(x, chunk_length) for x in (hidden, next_tokens, is_target))
     batch, length = next_tokens.shape
 
     def body(index, outputs):
         start = index * chunk_length
         chunk = [jax.lax.dynamic_slice_in_dim(x, start, chunk_length, axis=1) for x in (hidden, next_tokens, is_target)]
-        pieces = _chunk_logps(chunk[0], output_kernel, *chunk[1:], with_logit_grads)
+        pieces = _chunk_logps(chunk[0], output_kernel, *chunk[1:], with_logit_grads, with_argmax)
         return jax.tree.map(lambda whole, piece: jax.lax.dynamic_update_slice_in_dim(whole, piece, start, axis=1),
                             outputs, pieces)
 
     outputs = (jnp.zeros((batch, length), jnp.float32),
-               jnp.zeros((batch, length, output_kernel.shape[1]), hidden.dtype) if with_logit_grads else None)
+               jnp.zeros((batch, length, output_kernel.shape[1]), hidden.dtype) if with_logit_grads else None,
+               jnp.zeros((batch, length), jnp.int32) if with_argmax else None)
     return jax.lax.fori_loop(0, length // chunk_length, body, outputs)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _projected_token_logps(hidden, output_kernel, next_tokens, is_target, chunk_length):
     """[B, L] float32 log-probs of the next tokens (0 off target) under hidden @ output_kernel."""
-    token_logps, _ = _all_chunks(hidden, output_kernel, next_tokens, is_target, chunk_length, False)
+    token_logps, _, _ = _all_chunks(hidden, output_kernel, next_tokens, is_target, chunk_length, False)
     return token_logps[:, :hidden.shape[1]]
 
 
 def _projected_token_logps_forward(hidden, output_kernel, next_tokens, is_target, chunk_length):
-    token_logps, logit_grads = _all_chunks(hidden, output_kernel, next_tokens, is_target, chunk_length, True)
+    token_logps, logit_grads, _ = _all_chunks(hidden, output_kernel, next_tokens, is_target, chunk_length, True)
     return token_logps[:, :hidden.shape[1]], (hidden, output_kernel, logit_grads)
 
 

@@ -31,9 +31,12 @@ def self_play(cfg: RunConfig, parts: Parts) -> dict:
         phase = Phase(SFT_ITERATION, cfg.train, cfg.selfplay.sft_learning_rate, cfg.selfplay.sft_epochs,
                       store.checkpoints(SFT_ITERATION))
         fitted = trainer.fit(theta, Pairs.real_only(task.train), parts.sft_objective, phase)
-        evaluation = {**evaluate(parts.evaluators, fitted.params, Context(None, cfg)), **fitted.summary}
+        context = Context(None, cfg, SFT_ITERATION)
+        evaluation = {**evaluate(parts.evaluators, fitted.params, context), **fitted.summary}
         store.finish(SFT_ITERATION, fitted, evaluation)
         theta = fitted.params
+    else:
+        score_theta_0(parts, cfg)
     for t in range(cfg.selfplay.iterations):
         now = config.at_iteration(cfg, t)  # this iteration's lr, beta, ... (selfplay.from_iteration)
         if store.done(t):
@@ -49,11 +52,19 @@ def self_play(cfg: RunConfig, parts: Parts) -> dict:
             store.drop_responses(t)
         phase = Phase(t, now.train, now.train.learning_rate, now.train.epochs, store.checkpoints(t))
         player = trainer.fit(theta, pairs.train, parts.pair_objective(now), phase)
-        evaluation = {**evaluate(parts.evaluators, player.params, Context(pairs.eval, now)), **player.summary,
+        evaluation = {**evaluate(parts.evaluators, player.params, Context(pairs.eval, now, t)), **player.summary,
                       "eval/generation_length": float(np.mean(pairs.generated_lengths()))}
         store.finish(t, player, evaluation, opponent=theta)
         theta, previous = player.params, pairs.new if cfg.selfplay.mix_previous else None
     return evaluation
+
+
+def score_theta_0(parts: Parts, cfg: RunConfig) -> None:
+    """Without an SFT warm-up (whose evaluation is theta_0's), the benchmarks among the evaluators
+    (`scores_theta_0`: lm_eval) score theta_0 once, so their curves start where the run starts."""
+    benchmarks = [e for e in parts.evaluators if getattr(e, "scores_theta_0", False)]
+    if benchmarks and not parts.store.theta_0_scored():
+        parts.store.score_theta_0(evaluate(benchmarks, parts.theta_0, Context(None, cfg, SFT_ITERATION)))
 
 
 def opponent_generates(parts: Parts, cfg: RunConfig, opponent, iteration: int) -> list[list[np.ndarray]]:
@@ -66,8 +77,9 @@ def opponent_generates(parts: Parts, cfg: RunConfig, opponent, iteration: int) -
     missing = kept.missing()
     try:
         if len(missing):
+            generation_prompts = parts.task.generation_prompt_ids  # SPIN's format or the training prompts
             responses = parts.generator.generate(
-                opponent, [Request(prompts[i], max_new) for i in missing], generation_seed(cfg.seed, iteration),
+                opponent, [Request(generation_prompts[i], max_new) for i in missing], generation_seed(cfg.seed, iteration),
                 num_samples=cfg.sampler.num_samples, indices=missing,
                 on_chunk=lambda done, responses: kept.add(missing[done], responses))
             kept.add(missing, responses)  # those the generator did not hand over in chunks

@@ -2,9 +2,11 @@
 returns a dict of `eval/...` values; `selfplay.evaluators` names them (EVALUATORS), and adding
 one touches neither the loop nor the others.
 
-    nll    held-out NLL of the real responses (sum and per token)
-    pairs  the loss and its metrics on the held-out pairs (self-play iterations only)
-    kl     KL(p_data || p_theta) on the known-truth task, from fresh draws of p_data
+    nll      held-out NLL of the real responses (sum and per token)
+    pairs    the loss and its metrics on the held-out pairs (self-play iterations only)
+    kl       KL(p_data || p_theta) on the known-truth task, from fresh draws of p_data
+    lm_eval  the lm-eval tasks of `eval.lm_eval` (`eval/lm_eval/<task>/<metric>`), on by itself
+             when tasks are configured; it also scores theta_0 of a run without an SFT warm-up
 
 An evaluator may also return `warnings` (a list of sentences): a model that scores worse than
 the uniform distribution over its vocabulary (NLL per token above log V, or a KL above the
@@ -33,11 +35,12 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class Context:
-    """What a phase's evaluation sees: its held-out pairs (None for the SFT warm-up) and the
-    config it ran with."""
+    """What a phase's evaluation sees: its held-out pairs (None for the SFT warm-up and theta_0),
+    the config it ran with and its iteration (-1: theta_0, after the SFT warm-up if any)."""
 
     pairs: Optional[Pairs]
     cfg: RunConfig
+    iteration: int
 
 
 @dataclasses.dataclass
@@ -113,19 +116,54 @@ class KnownTruthKL:
         return result
 
 
-# name -> a builder from the run's parts (mesh, task, scorer, pair_objective)
+class LmEvalScores:
+    """lm-eval's scores of `eval.lm_eval.tasks` (spacejax.eval.harness, on the run's mesh): of
+    theta_0, of every `every`-th iteration's player and of the last iteration's. Text tasks are
+    tokenized with the run's tokenizer (the known-truth task's: `KnownTruth.tokenizer`)."""
+
+    scores_theta_0 = True  # the algorithm asks it for theta_0 when no SFT warm-up is evaluated
+
+    def __init__(self, model_cfg, mesh, tokenizer, cfg: RunConfig):
+        from spacejax.eval import harness  # the lm_eval extra, imported only when tasks are configured
+
+        self.harness, settings = harness, cfg.eval.lm_eval
+        self.lm = harness.SpacejaxLM.of(harness.LoadedModel(model_cfg, None, tokenizer, mesh),
+                                        batch_size=settings.batch_size, max_gen_toks=settings.max_gen_toks,
+                                        seed=cfg.seed, progress=jax.process_index() == 0)
+
+    def __call__(self, params, context: Context) -> dict:
+        settings, last = context.cfg.eval.lm_eval, context.cfg.selfplay.iterations - 1
+        if context.iteration >= 0 and (context.iteration + 1) % settings.every and context.iteration != last:
+            return {}
+        self.lm.params = params
+        results = self.harness.evaluate(self.lm, settings.tasks, num_fewshot=settings.num_fewshot,
+                                        limit=settings.limit, include_path=settings.include_path,
+                                        apply_chat_template=settings.apply_chat_template, random_seed=context.cfg.seed)
+        return self.harness.scores(results)
+
+
+def _lm_eval_scores(parts) -> LmEvalScores:
+    tokenizer = parts.task.tokenizer or parts.task.truth.tokenizer()
+    return LmEvalScores(parts.scorer.model_cfg, parts.mesh, tokenizer, parts.store.cfg)
+
+
+# name -> a builder from the run's parts (mesh, task, scorer, pair_objective, store)
 EVALUATORS: dict[str, Callable] = {
     "nll": lambda parts: HeldOutNLL(parts.scorer, parts.task),
     "pairs": lambda parts: PairMetrics(parts.mesh, parts.pair_objective, parts.task.pad_id),
     "kl": lambda parts: KnownTruthKL(parts.scorer, parts.task),
+    "lm_eval": _lm_eval_scores,
 }
 
 
 def names(cfg: RunConfig) -> tuple[str, ...]:
-    """The configured evaluators; null: nll, pairs, and kl on the known-truth task."""
+    """The configured evaluators (null: nll, pairs, and kl on the known-truth task), and lm_eval
+    when `eval.lm_eval.tasks` are set."""
     if cfg.selfplay.evaluators is not None:
-        return cfg.selfplay.evaluators
-    return ("nll", "pairs", "kl") if cfg.data.source == "toy" else ("nll", "pairs")
+        chosen = cfg.selfplay.evaluators
+    else:
+        chosen = ("nll", "pairs", "kl") if cfg.data.source == "toy" else ("nll", "pairs")
+    return chosen + ("lm_eval",) if cfg.eval.lm_eval.tasks and "lm_eval" not in chosen else chosen
 
 
 def check(cfg: RunConfig) -> None:
@@ -134,6 +172,19 @@ def check(cfg: RunConfig) -> None:
         raise ConfigError(f"selfplay.evaluators: unknown evaluator {unknown[0]!r}; known: {sorted(EVALUATORS)}")
     if "kl" in names(cfg) and cfg.data.source != "toy":
         raise ConfigError("selfplay.evaluators: 'kl' needs the known-truth task (data.source: toy)")
+    if "lm_eval" in names(cfg):
+        check_lm_eval(cfg)
+
+
+def check_lm_eval(cfg: RunConfig) -> None:
+    """The lm-eval tasks exist (and their task files parse) before the run starts."""
+    if not cfg.eval.lm_eval.tasks:
+        raise ConfigError("selfplay.evaluators: 'lm_eval' needs eval.lm_eval.tasks")
+    try:
+        from spacejax.eval import harness
+    except ImportError as error:
+        raise ConfigError(f"eval.lm_eval.tasks: {error}") from None
+    harness.task_manager(cfg.eval.lm_eval.include_path, cfg.eval.lm_eval.tasks)
 
 
 def evaluate(evaluators, params, context: Context) -> dict:

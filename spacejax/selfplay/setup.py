@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Callable
 
 import jax
@@ -14,6 +15,8 @@ from spacejax.scoring import Scorer
 from spacejax.selfplay import evaluators as evaluators_module
 from spacejax.selfplay.store import RunStore, prepare
 from spacejax.selfplay.task import Task, load_task
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -62,13 +65,19 @@ def check_every_phase(cfg: RunConfig, mesh) -> None:
 
 
 def check_init_from(cfg: RunConfig) -> None:
-    """`init_from`, if set, is a model spacejax reads: checked before the workdir is touched."""
+    """`init_from`, if set, is a model spacejax reads (`hf.resolve_init_from`: a hub id is read from
+    the Hugging Face cache, at `init_from_revision`): checked before the workdir is touched."""
     if cfg.init_from is None:
         return
-    start = storage.location(cfg.init_from)
+    resolved = hf.resolve_init_from(cfg.init_from, cfg.init_from_revision)
+    start = storage.location(resolved)
     if not checkpoint.is_params_checkpoint(start) and not (start / "config.json").exists():
         raise ConfigError(f"init_from: {cfg.init_from} is neither a spacejax params checkpoint (model_config.json) "
                           "nor a Hugging Face model directory (config.json); fix the path")
+    if resolved != cfg.init_from and not hf.is_pinned(cfg.init_from_revision):  # a hub id at a branch or tag
+        log.warning("init_from: hub id %s at revision %s is commit %s; config.yaml records %r, which can move: set "
+                    "init_from_revision=%s to pin it", cfg.init_from, cfg.init_from_revision or "main", start.name,
+                    cfg.init_from_revision, start.name)
 
 
 def initial_params(cfg: RunConfig, mesh) -> tuple:
@@ -80,10 +89,11 @@ def initial_params(cfg: RunConfig, mesh) -> tuple:
         params = jax.jit(lambda rng: model.init(model_cfg, rng), out_shardings=sharding.param_shardings(model_cfg, mesh))(
             jax.random.key(cfg.seed))
         return model_cfg, params
-    if checkpoint.is_params_checkpoint(cfg.init_from):
-        model_cfg = dataclasses.replace(checkpoint.load_config(cfg.init_from), **keep)
-        return model_cfg, checkpoint.load_params(cfg.init_from, sharding.param_shardings(model_cfg, mesh), **keep)[1]
-    model_cfg, params = hf.load(cfg.init_from, **keep)
+    start = hf.resolve_init_from(cfg.init_from, cfg.init_from_revision)
+    if checkpoint.is_params_checkpoint(start):
+        model_cfg = dataclasses.replace(checkpoint.load_config(start), **keep)
+        return model_cfg, checkpoint.load_params(start, sharding.param_shardings(model_cfg, mesh), **keep)[1]
+    model_cfg, params = hf.load(start, **keep)
     return model_cfg, jax.device_put(params, sharding.param_shardings(model_cfg, mesh))
 
 

@@ -7,6 +7,7 @@
     workdir/provenance/<time>.json    one per launch: versions, commit, topology, command line
     workdir/events/  wandb_id  wandb/ the trackers' files, when tracking.kinds names them
     workdir/sft/                      the optional SFT warm-up producing theta_0 (iteration -1)
+    workdir/theta_0/eval.json  DONE   without it, the benchmarks' scores of theta_0 (`score_theta_0`)
     workdir/iter_000/samples.parquet  synthetic responses + opponent log-probs + generation settings
     workdir/iter_000/generated/       the responses kept while generating (chunks.py), until
                                       samples.parquet holds them
@@ -44,6 +45,7 @@ from spacejax.trainer import phase_name
 CONFIG_FILE = "config.yaml"
 SAMPLES_FILE = "samples.parquet"
 EVAL_FILE = "eval.json"
+THETA_0_DIR = "theta_0"
 PROVENANCE_DIR = "provenance"  # one <UTC time>.json per launch: versions, topology, command line
 WANDB_ID_FILE = "wandb_id"  # the wandb run a resumed run continues
 SAMPLES_TRACKED = 16  # rows of each iteration's samples table in the trackers
@@ -171,6 +173,18 @@ class RunStore:
                         **evaluation})
         self.log.flush()
         checkpoint.mark_done(phase_dir)
+
+    def theta_0_scored(self) -> bool:
+        return checkpoint.is_done(self.workdir / THETA_0_DIR)
+
+    def score_theta_0(self, evaluation: dict) -> None:
+        """The evaluation of theta_0 of a run without an SFT warm-up: theta_0/eval.json, the log's
+        `theta_0_end` event (iteration -1, step 0), DONE."""
+        if jax.process_index() == 0:
+            storage.write_atomic(self.workdir / THETA_0_DIR / EVAL_FILE, json.dumps(evaluation, indent=2))
+        self.log.write({"iteration": -1, "step": 0, "event": "theta_0_end", **evaluation})
+        self.log.flush()
+        checkpoint.mark_done(self.workdir / THETA_0_DIR)
 
     def hf_dir(self, iteration: int):
         """workdir/hf/iter_XXX/: the Hugging Face export of theta_{t+1}; hf/theta_0/ for iteration -1."""

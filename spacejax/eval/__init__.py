@@ -1,0 +1,1 @@
+"""Benchmarks on spacejax models: the lm-eval backend (harness.py) and answers for judge-based benchmarks (answers.py)."""
