@@ -26,7 +26,8 @@ import uuid  # noqa: E402
 
 import pytest  # noqa: E402
 
-from runs import free_port  # noqa: E402 - after XLA_FLAGS: it imports jax
+# after XLA_FLAGS: runs imports jax
+from runs import TWO_PROCESSES, free_port, run_processes, train_arguments  # noqa: E402
 
 GCS_BUCKET = "spacejax-test"
 
@@ -61,3 +62,12 @@ def gcs():
         emulator.wait()
         for name, value in before.items():
             os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
+
+
+@pytest.fixture(scope="session")
+def two_process_run(tmp_path_factory):
+    """runs.TWO_PROCESSES trained by two processes of 4 devices each, uninterrupted (once a session:
+    test_sharding compares it with one process, test_faults resumes a stopped pair to it)."""
+    workdir = tmp_path_factory.mktemp("two_processes") / "run"
+    run_processes(train_arguments(workdir, TWO_PROCESSES))
+    return workdir

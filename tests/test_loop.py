@@ -87,10 +87,10 @@ def count_compilations(cfg, workdir) -> int:
 
 
 def test_per_iteration_learning_rate_beta_and_mixing_compile_nothing_more(tmp_path):
-    overrides = ["selfplay.iterations=3"]
+    overrides = ["selfplay.sft_epochs=0", "selfplay.iterations=2"]  # iteration 1 changes all three
     plain = count_compilations(load(*overrides), tmp_path / "plain")
     changing = load(*overrides, "selfplay.mix_previous=true",
-                    "selfplay.from_iteration=[1: train.learning_rate=3e-4, 2: loss.beta=2.0]")
+                    "selfplay.from_iteration=[1: train.learning_rate=3e-4, 1: loss.beta=2.0]")
     changed = count_compilations(changing, tmp_path / "changing")
     assert changed <= plain, (changed, plain)
     lr = {t: max(r["learning_rate"] for r in metrics.read(tmp_path / "changing") if r["iteration"] == t

@@ -23,8 +23,9 @@ from runs import assert_params_equal, final_params, step_records
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "tiny_space.yaml")
+# A step checkpoint at the last step of each 4-step iteration (the one the adapter test reads)
 SMALL = ["selfplay.sft_epochs=2", "selfplay.iterations=2", "data.num_train=64", "data.num_eval=32",
-         "selfplay.eval_kl_samples=200", "train.epochs=1", "train.batch_size=16", "checkpoint.every_steps=2",
+         "selfplay.eval_kl_samples=200", "train.epochs=1", "train.batch_size=16", "checkpoint.every_steps=4",
          "lora.rank=4", "lora.alpha=8"]
 MODEL = config.load(CONFIG).model
 
@@ -144,7 +145,9 @@ def test_export_adapter_needs_lora_and_the_hf_export():
         config.load(CONFIG, ["checkpoint.export_adapter=true", "checkpoint.export_hf=true"])
 
 
-LONG = SMALL + ["selfplay.iterations=1", "train.epochs=10", "train.log_every=1", "checkpoint.every_steps=5"]
+# One iteration of 40 steps without SFT (theta_0 is the init), a save every 5: a SIGKILL lands mid-iteration
+LONG = SMALL + ["selfplay.sft_epochs=0", "selfplay.iterations=1", "selfplay.eval_kl_samples=64", "train.epochs=10",
+                "train.log_every=1", "checkpoint.every_steps=5"]
 
 
 def test_resume_after_sigkill_mid_iteration_is_bitwise(tmp_path):

@@ -1,6 +1,6 @@
 """The self-play loop end to end on the known-truth task and the chat path: metrics, the
-constants of PAPER.md at the start of every iteration, resume after SIGKILL, SIGTERM, a
-truncated checkpoint, non-finite losses, and config errors."""
+constants of PAPER.md at the start of every iteration, resume after SIGTERM, SIGKILL, a
+truncated checkpoint, non-finite losses; a second launch on a running workdir, and config errors."""
 
 import json
 import math
@@ -26,9 +26,10 @@ from spacejax.pairs import Pairs
 from runs import assert_params_equal, final_params, step_records
 
 ROOT = Path(__file__).resolve().parents[1]
-# Reduced tiny_space: fast enough for the tests, still every phase.
+# Reduced tiny_space: fast enough for the tests, still every phase; a step checkpoint every 8 steps
+# (tiny_space's: the last SFT step), as the tests that read step checkpoints set their own.
 SMALL = ["selfplay.sft_epochs=2", "selfplay.iterations=2", "data.num_train=64", "data.num_eval=32",
-         "selfplay.eval_kl_samples=200", "train.epochs=1", "train.batch_size=16", "checkpoint.every_steps=2"]
+         "selfplay.eval_kl_samples=200", "train.epochs=1", "train.batch_size=16"]
 
 STEP_METRICS = ("loss", "rewards/real", "rewards/generated", "rewards/margins", "rewards/accuracies",
                 "logps/real", "logps/generated", "logps/real_per_token", "logps/generated_per_token",
@@ -157,9 +158,26 @@ def wait_for_step(workdir, iteration, step, process, timeout=300):
     raise TimeoutError(f"iteration {iteration} step {step} not reached")
 
 
-# 160 steps an iteration, so a signal lands mid-iteration 1; a save every 10 steps (every 2, as in
-# SMALL, spends two thirds of the run in Orbax)
-LONG_ITERATION_1 = SMALL + ["train.epochs=40", "train.log_every=1", "checkpoint.every_steps=10"]
+def wait_for_save(phase_dir, after, process, timeout=300):
+    """Until phase_dir holds a committed step checkpoint past step `after`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if any(int(marker.parent.name) > after for marker in phase_dir.glob(f"train/*/{checkpoint.ORBAX_COMMIT_MARKER}")
+               if marker.parent.name.isdigit()):
+            return
+        assert process.poll() is None, process.stdout.read()
+        time.sleep(0.005)
+    raise TimeoutError(f"no step past {after} saved in {phase_dir}")
+
+
+def latest_saved(phase_dir):
+    return checkpoint.TrainCheckpoints(phase_dir, keep=2).manager.latest_step()
+
+
+# Iteration 0 of 4 steps, iteration 1 of 80, so a signal lands mid-iteration 1; a save every 10 steps
+# (every 2 spends two thirds of the run in Orbax)
+LONG_ITERATION_1 = SMALL + ["selfplay.from_iteration=[1: train.epochs=20]", "train.log_every=1",
+                            "checkpoint.every_steps=10"]
 
 
 @pytest.fixture(scope="module")
@@ -169,43 +187,51 @@ def uninterrupted(tmp_path_factory):
     return workdir
 
 
-def test_resume_after_sigkill_in_iteration_1_reproduces_the_uninterrupted_run(tmp_path, uninterrupted):
-    reference = uninterrupted
-    killed = tmp_path / "killed"
-    process = run_cli_in_subprocess(killed, LONG_ITERATION_1)
-    wait_for_step(killed, iteration=1, step=20, process=process)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not checkpoint.is_done(killed / "iter_001")
-    assert checkpoint.TrainCheckpoints(killed / "iter_001", keep=2).manager.latest_step() < 160
+def test_sigterm_then_sigkill_in_iteration_1_each_resume_reproduces_the_uninterrupted_run(tmp_path, uninterrupted,
+                                                                                          capsys):
+    """One run, stopped twice in iteration 1 and resumed each time, ends bitwise at the uninterrupted
+    run with its step records. A second launch on the running workdir is refused and the first ends
+    alone. SIGTERM: the run saves the step it is at and exits PREEMPTED_EXIT. SIGKILL (of the
+    relaunch, after its own first save): nothing is unwound; the rerun resumes from that save."""
+    workdir, phase = tmp_path / "run", tmp_path / "run" / "iter_001"
+    argv = ["train", "--config", str(ROOT / "configs" / "tiny_space.yaml"), "--workdir", str(workdir),
+            *LONG_ITERATION_1]
+    first = run_cli_in_subprocess(workdir, LONG_ITERATION_1)
+    deadline = time.time() + 120
+    while not (workdir / "LOCK").exists():
+        assert time.time() < deadline and first.poll() is None
+        time.sleep(0.05)
+    assert cli.main(argv) == 2
+    error = capsys.readouterr().err
+    assert "this workdir is in use by" in error and f"pid {first.pid}" in error
 
-    assert cli.main(["train", "--config", str(ROOT / "configs" / "tiny_space.yaml"), "--workdir", str(killed),
-                     *LONG_ITERATION_1]) == 0
-    assert_params_equal(final_params(killed, 1), final_params(reference, 1))
-    assert step_records(killed) == step_records(reference)
-
-
-def test_sigterm_saves_the_current_step_and_the_rerun_finishes_identically(tmp_path, uninterrupted):
-    reference = uninterrupted
-    stopped = tmp_path / "stopped"
-    process = run_cli_in_subprocess(stopped, LONG_ITERATION_1)
-    wait_for_step(stopped, iteration=1, step=15, process=process)
-    process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=120)
-    assert process.returncode == selfplay.PREEMPTED_EXIT, output
+    wait_for_step(workdir, iteration=1, step=15, process=first)
+    first.send_signal(signal.SIGTERM)
+    output, _ = first.communicate(timeout=120)
+    assert first.returncode == selfplay.PREEMPTED_EXIT, output
     assert "preempted at iteration_1" in output
-    saved = checkpoint.TrainCheckpoints(stopped / "iter_001", keep=2).manager.latest_step()
-    last_logged = max(r["step"] for r in metrics.read(stopped) if r["iteration"] == 1)
-    assert saved == last_logged and not checkpoint.is_done(stopped / "iter_001")
+    assert not (workdir / "LOCK").exists()
+    records = [(r["iteration"], r["step"], "event" in r) for r in metrics.read(workdir)]
+    assert len(records) == len(set(records))  # one run wrote the log
+    stopped_at = latest_saved(phase)
+    last_logged = max(r["step"] for r in metrics.read(workdir) if r["iteration"] == 1)
+    assert stopped_at == last_logged and not checkpoint.is_done(phase)
 
-    assert cli.main(["train", "--config", str(ROOT / "configs" / "tiny_space.yaml"), "--workdir", str(stopped),
-                     *LONG_ITERATION_1]) == 0
-    assert_params_equal(final_params(stopped, 1), final_params(reference, 1))
-    assert step_records(stopped) == step_records(reference)
+    relaunch = run_cli_in_subprocess(workdir, LONG_ITERATION_1)
+    wait_for_save(phase, after=stopped_at, process=relaunch)
+    relaunch.send_signal(signal.SIGKILL)
+    relaunch.wait()
+    assert not checkpoint.is_done(phase)
+    assert stopped_at < latest_saved(phase) < 80
+
+    assert cli.main(argv) == 0
+    assert_params_equal(final_params(workdir, 1), final_params(uninterrupted, 1))
+    assert step_records(workdir) == step_records(uninterrupted)
 
 
 def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
-    overrides = SMALL + ["selfplay.iterations=1", "checkpoint.keep=2"]
+    overrides = SMALL + ["selfplay.sft_epochs=0", "selfplay.iterations=1", "checkpoint.every_steps=2",
+                         "checkpoint.keep=2"]
     selfplay.run(load("tiny_space.yaml", *overrides), tmp_path)
     reference = final_params(tmp_path, 0)
     phase = tmp_path / "iter_000"
@@ -229,8 +255,8 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
 def test_a_run_of_non_finite_losses_stops_with_the_last_good_checkpoint_intact(tmp_path, monkeypatch):
     nan_loss = losses.Loss("always_nan", lambda scores: scores.policy_real_logps * np.nan)
     monkeypatch.setitem(losses.LOSSES, "always_nan", nan_loss)
-    cfg = load("tiny_space.yaml", *SMALL, "loss.kind=always_nan", "train.max_nonfinite_in_a_row=3",
-               "checkpoint.every_steps=1")
+    cfg = load("tiny_space.yaml", *SMALL, "selfplay.sft_epochs=1", "loss.kind=always_nan",
+               "train.max_nonfinite_in_a_row=3", "checkpoint.every_steps=1")
     with pytest.raises(selfplay.NonFiniteLoss, match="3 steps in a row had a non-finite loss"):
         selfplay.run(cfg, tmp_path)
     theta_0 = final_params(tmp_path, -1)

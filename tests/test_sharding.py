@@ -1,9 +1,6 @@
 """The mesh: shapes, placement, invariance of the loop's losses to the mesh, and a real
 two-process `jax.distributed` run on loopback against the single-process run."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -13,7 +10,8 @@ import pytest
 from spacejax import checkpoint, hf, metrics, selfplay, sharding
 from spacejax.config import ConfigError, MeshConfig, ModelConfig, load
 
-from runs import free_port
+# run_processes: test_lm_eval and test_sampler import it from here
+from runs import TWO_PROCESSES, run_processes, train_arguments  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["selfplay.sft_epochs=0", "selfplay.iterations=1", "data.num_train=64", "data.num_eval=16",
@@ -73,36 +71,26 @@ def test_losses_do_not_depend_on_the_mesh(reference_run, tmp_path, mesh):
     np.testing.assert_allclose(step_losses(tmp_path), reference, atol=1e-5, rtol=0)
 
 
-
-def run_processes(arguments, count=2, devices_each=4, timeout=600):
-    """Start `count` processes of `python -m spacejax.cli ARGS` (or a script) on loopback."""
-    port = free_port()
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_each}")
-    processes = [subprocess.Popen([sys.executable, *arguments, "--coordinator", f"127.0.0.1:{port}",
-                                   "--num-processes", str(count), "--process-id", str(i)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-                 for i in range(count)]
-    outputs = [p.communicate(timeout=timeout)[0] for p in processes]
-    for process, output in zip(processes, outputs):
-        assert process.returncode == 0, output[-3000:]
-    return outputs
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory):
+    """runs.TWO_PROCESSES in this process (8 devices), as the `two_process_run` of conftest."""
+    workdir = tmp_path_factory.mktemp("one_process")
+    selfplay.run(load(ROOT / "configs" / "tiny_space.yaml", TWO_PROCESSES), workdir)
+    return workdir
 
 
-def test_two_processes_reproduce_the_single_process_run(reference_run, tmp_path):
-    workdir = tmp_path / "two"
-    run_processes(["-m", "spacejax.cli", "train", "--config", str(ROOT / "configs" / "tiny_space.yaml"),
-                   "--workdir", str(workdir), *TINY])
-    np.testing.assert_allclose(step_losses(workdir), step_losses(reference_run), atol=1e-5, rtol=0)
-    one = [r for r in metrics.read(reference_run) if "event" in r][0]
-    two = [r for r in metrics.read(workdir) if "event" in r][0]
+def test_two_processes_reproduce_the_single_process_run(two_process_run, one_process_run):
+    np.testing.assert_allclose(step_losses(two_process_run), step_losses(one_process_run), atol=1e-5, rtol=0)
+    one = [r for r in metrics.read(one_process_run) if "event" in r][0]
+    two = [r for r in metrics.read(two_process_run) if "event" in r][0]
     assert two["eval/kl"] == pytest.approx(one["eval/kl"], abs=1e-4)
 
     # written by 2 processes, restored by 1 on another mesh
     mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
-    cfg = checkpoint.load_config(workdir / "iter_000" / "final")
+    cfg = checkpoint.load_config(two_process_run / "iter_000" / "final")
     shardings = sharding.param_shardings(cfg, mesh)
-    _, restored = checkpoint.load_params(workdir / "iter_000" / "final", shardings)
-    _, expected = checkpoint.load_params(reference_run / "iter_000" / "final")
+    _, restored = checkpoint.load_params(two_process_run / "iter_000" / "final", shardings)
+    _, expected = checkpoint.load_params(one_process_run / "iter_000" / "final")
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(expected)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
@@ -116,12 +104,11 @@ def test_a_single_process_checkpoint_restores_in_two_processes(reference_run):
         assert f"checksum {expected:.6f}" in output, output[-2000:]
 
 
-def test_two_processes_export_params_sharded_across_both_to_hugging_face(reference_run, tmp_path):
+def test_two_processes_export_params_sharded_across_both_to_hugging_face(tmp_path):
     """fsdp 8 over 2 processes of 4 devices: every embed dimension is split across the processes,
     and the export gathers it; the exported model is the run's final params."""
     workdir = tmp_path / "fsdp"
-    run_processes(["-m", "spacejax.cli", "train", "--config", str(ROOT / "configs" / "tiny_space.yaml"),
-                   "--workdir", str(workdir), *TINY, "mesh.data=1", "mesh.fsdp=8", "checkpoint.export_hf=true"])
+    run_processes(train_arguments(workdir, [*TINY, "mesh.data=1", "mesh.fsdp=8", "checkpoint.export_hf=true"]))
     cfg, exported = hf.load(workdir / "hf" / "iter_000")
     placed = sharding.param_shardings(cfg, sharding.make_mesh(MeshConfig(data=1, fsdp=8)))
     assert placed["layers"]["mlp"]["up_proj"]["kernel"].spec[1] == "fsdp"  # embed: split over both processes
