@@ -7,6 +7,9 @@ import tempfile
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "spacejax-tests-jax-cache"))
+# Every program, however quick to compile (jax keeps only those over 1 s by default): each test process, each
+# subprocess too, otherwise compiles the same small programs again (~3 CPU s a tiny run).
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # wandb (offline in the tests) keeps its files in a temporary folder and cannot reach a server.

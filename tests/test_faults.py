@@ -1,11 +1,13 @@
 """Fault injection: each test reproduces a way a run went silently wrong or could not resume (issue
 21's probes) and checks what happens now. Preemption (SIGTERM during generation, scoring and at an
-iteration's last step; one of two processes), skipped and dead steps, bad numbers, half-written logs
-and missing files of the run directory."""
+iteration's last step; SIGKILL during generation; one of two processes), skipped and dead steps, bad
+numbers, half-written logs and missing files of the run directory."""
 
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import pytest
 
 from spacejax import checkpoint, cli, config, losses, metrics, sampler, selfplay, trainer
 from spacejax.config import ConfigError
+from spacejax.pairs import Pairs
 from spacejax.selfplay import algorithm, chunks
 
 from runs import (TWO_PROCESSES, assert_params_equal, final_params, finish, run_processes, start_processes,
@@ -46,63 +49,6 @@ def sigterm_self():
 # ----------------------------------------------------------------------------------- preemption
 
 
-def test_sigterm_during_generation_keeps_what_was_generated_and_the_rerun_generates_only_the_rest(
-        tmp_path, uninterrupted, monkeypatch):
-    kept_add = chunks.ResponseChunks.add
-    calls = []
-
-    def add_then_sigterm(self, indices, responses):
-        kept_add(self, indices, responses)
-        calls.append(len(indices))
-        if len(calls) == 3:  # after the third decoded batch
-            sigterm_self()
-
-    monkeypatch.setattr(chunks.ResponseChunks, "add", add_then_sigterm)
-    with pytest.raises(selfplay.Preempted, match="while generating"):
-        selfplay.run(load(*SHORT), tmp_path)
-    phase = tmp_path / "iter_000"
-    assert not (phase / "samples.parquet").exists()
-    kept = chunks.ResponseChunks(phase, 80, 1)
-    assert len(kept.missing()) == 80 - 3 * 8  # the stop came at the next batch: three batches kept
-
-    monkeypatch.setattr(chunks.ResponseChunks, "add", kept_add)
-    requested = []
-    generate = sampler.SamplerGenerator.generate
-
-    def count_requests(self, params, requests, *args, **kwargs):
-        requested.append(len(requests))
-        return generate(self, params, requests, *args, **kwargs)
-
-    monkeypatch.setattr(sampler.SamplerGenerator, "generate", count_requests)
-    selfplay.run(load(*SHORT), tmp_path)
-    assert requested == [80 - 3 * 8]  # only the requests without kept responses
-    assert not (phase / chunks.CHUNKS_DIR).exists()  # samples.parquet holds them now
-    assert_params_equal(final_params(tmp_path, 0), final_params(uninterrupted, 0))
-    assert step_records(tmp_path) == step_records(uninterrupted)
-
-
-def test_sigterm_during_scoring_stops_at_the_next_batch_and_the_rerun_scores_again(
-        tmp_path, uninterrupted, monkeypatch):
-    pairs_of = algorithm.pairs_of
-
-    def pairs_then_sigterm(*args):
-        sigterm_self()  # right before the opponent scores the pairs
-        return pairs_of(*args)
-
-    monkeypatch.setattr(algorithm, "pairs_of", pairs_then_sigterm)
-    started = time.perf_counter()
-    with pytest.raises(selfplay.Preempted, match="while scoring"):
-        selfplay.run(load(*SHORT), tmp_path)
-    assert time.perf_counter() - started < 120
-    phase = tmp_path / "iter_000"
-    assert not (phase / "samples.parquet").exists()
-    assert len(chunks.ResponseChunks(phase, 80, 1).missing()) == 0  # every response is kept
-
-    monkeypatch.setattr(algorithm, "pairs_of", pairs_of)
-    selfplay.run(load(*SHORT), tmp_path)
-    assert_params_equal(final_params(tmp_path, 0), final_params(uninterrupted, 0))
-
-
 class SigtermAtStep(trainer.Hook):
     def __init__(self, iteration, step):
         self.iteration, self.step = iteration, step
@@ -123,14 +69,112 @@ def run_with_hook(cfg, workdir, hook):
         parts.store.close()
 
 
-def test_sigterm_at_an_iterations_last_step_keeps_its_first_and_last_loss(tmp_path, uninterrupted):
+def test_sigterm_while_generating_then_scoring_then_at_the_last_step_each_rerun_goes_on_from_there(
+        tmp_path, uninterrupted, monkeypatch):
+    """One run stopped three times in iteration 0, each rerun going on from where the last one
+    stopped, to the uninterrupted run's params, step records and eval.json. SIGTERM while generating
+    keeps what was generated, and the rerun generates only the rest; while scoring, the run stops at
+    the next batch with every response kept, and the rerun scores again; at the iteration's last
+    step, the rerun keeps its first and last loss."""
+    phase = tmp_path / "iter_000"
+    kept_add = chunks.ResponseChunks.add
+    calls = []
+
+    def add_then_sigterm(self, indices, responses):
+        kept_add(self, indices, responses)
+        calls.append(len(indices))
+        if len(calls) == 3:  # after the third decoded batch
+            sigterm_self()
+
+    monkeypatch.setattr(chunks.ResponseChunks, "add", add_then_sigterm)
+    with pytest.raises(selfplay.Preempted, match="while generating"):
+        selfplay.run(load(*SHORT), tmp_path)
+    assert not (phase / "samples.parquet").exists()
+    kept = chunks.ResponseChunks(phase, 80, 1)
+    assert len(kept.missing()) == 80 - 3 * 8  # the stop came at the next batch: three batches kept
+
+    monkeypatch.setattr(chunks.ResponseChunks, "add", kept_add)
+    requested = []
+    generate = sampler.SamplerGenerator.generate
+
+    def count_requests(self, params, requests, *args, **kwargs):
+        requested.append(len(requests))
+        return generate(self, params, requests, *args, **kwargs)
+
+    pairs_of = algorithm.pairs_of
+
+    def pairs_then_sigterm(*args):
+        sigterm_self()  # right before the opponent scores the pairs
+        return pairs_of(*args)
+
+    monkeypatch.setattr(sampler.SamplerGenerator, "generate", count_requests)
+    monkeypatch.setattr(algorithm, "pairs_of", pairs_then_sigterm)
+    started = time.perf_counter()
+    with pytest.raises(selfplay.Preempted, match="while scoring"):
+        selfplay.run(load(*SHORT), tmp_path)
+    assert time.perf_counter() - started < 120
+    assert requested == [80 - 3 * 8]  # only the requests without kept responses
+    assert not (phase / "samples.parquet").exists()
+    assert len(chunks.ResponseChunks(phase, 80, 1).missing()) == 0  # every response is kept
+
+    monkeypatch.setattr(algorithm, "pairs_of", pairs_of)
     with pytest.raises(selfplay.Preempted, match="iteration_0 step 4"):
         run_with_hook(load(*SHORT), tmp_path, SigtermAtStep(0, 4))
-    assert not checkpoint.is_done(tmp_path / "iter_000")
+    assert requested == [80 - 3 * 8]  # scored again, nothing generated again
+    assert not (phase / chunks.CHUNKS_DIR).exists()  # samples.parquet holds them now
+    assert not checkpoint.is_done(phase)
+
     selfplay.run(load(*SHORT), tmp_path)
     resumed, expected = (json.loads((w / "iter_000" / "eval.json").read_text()) for w in (tmp_path, uninterrupted))
     assert resumed["eval/loss_end"] != resumed["eval/loss_start"]
     assert resumed == expected
+    assert_params_equal(final_params(tmp_path, 0), final_params(uninterrupted, 0))
+    assert step_records(tmp_path) == step_records(uninterrupted)
+
+
+# A `spacejax train` that writes a chunk after every decoded batch (not every CHUNK_SECONDS) and
+# SIGKILLs itself right after its third: no handler runs, nothing is unwound or flushed.
+KILLED_AFTER_THREE_CHUNKS = """
+import os, signal, sys
+from spacejax import cli
+from spacejax.selfplay import chunks
+chunks.CHUNK_SECONDS = 0.0
+write = chunks.ResponseChunks.write
+def write_then_die(self):
+    write(self)
+    if self.written == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+chunks.ResponseChunks.write = write_then_die
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_during_generation_keeps_the_written_chunks_and_the_rerun_generates_only_the_rest(
+        tmp_path, uninterrupted, monkeypatch):
+    """The chunks written before a SIGKILL are read back, not generated again, and the iteration
+    ends with the uninterrupted run's samples and params."""
+    phase = tmp_path / "iter_000"
+    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_THREE_CHUNKS, "train", "--config", str(TINY_SPACE),
+                             "--workdir", str(tmp_path), *SHORT], capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    assert sorted(p.name for p in (phase / chunks.CHUNKS_DIR).iterdir()) == [f"{i:08d}.npz" for i in range(3)]
+    kept = chunks.ResponseChunks(phase, 80, 1)
+    assert len(kept.missing()) == 80 - 3 * 8
+
+    requested = []
+    generate = sampler.SamplerGenerator.generate
+
+    def count_requests(self, params, requests, *args, indices=None, **kwargs):
+        requested.append(sorted(indices))
+        return generate(self, params, requests, *args, indices=indices, **kwargs)
+
+    monkeypatch.setattr(sampler.SamplerGenerator, "generate", count_requests)
+    assert cli.main(["train", "--config", str(TINY_SPACE), "--workdir", str(tmp_path), *SHORT]) == 0
+    assert requested == [kept.missing().tolist()]  # exactly the requests no chunk held
+    resumed, expected = (Pairs.load(w / "iter_000" / "samples.parquet") for w in (tmp_path, uninterrupted))
+    for got, want in zip(resumed.generated_ids, expected.generated_ids, strict=True):
+        assert [g.tolist() for g in got] == [w.tolist() for w in want]
+    assert_params_equal(final_params(tmp_path, 0), final_params(uninterrupted, 0))
 
 
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step_and_they_resume_bitwise(tmp_path,

@@ -129,7 +129,7 @@ def test_spin_starts_every_iteration_at_log_2_and_mixes_previous_pairs(tmp_path)
 
 
 def test_from_iteration_changes_mu_and_learning_rate_at_its_iteration(tmp_path):
-    run_cfg = load("tiny_space.yaml", *SMALL, "train.log_every=1",
+    run_cfg = load("tiny_space.yaml", *SMALL, "selfplay.sft_epochs=0", "train.log_every=1",
                    "selfplay.from_iteration=[1: loss.mu=4, 1: train.learning_rate=1e-4]")
     selfplay.run(run_cfg, tmp_path)
     steps = {t: [r for r in metrics.read(tmp_path) if r["iteration"] == t and "event" not in r] for t in (0, 1)}
