@@ -113,11 +113,47 @@ class ToyConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TeacherConfig:
+    """The teacher task (teacher.py): the toy's token layout (C contexts, S symbols, END), with
+    p_data a fixed random Llama of these sizes, its weights drawn from `seed` with std `init_std`
+    and its logits divided by `temperature` (lower: more peaked); `end_logit` is added to END's."""
+
+    num_contexts: int = 4
+    num_symbols: int = 8
+    max_response_length: int = 12
+    hidden_size: int = 96  # 188k parameters: 2.5x configs/stability.yaml's student
+    intermediate_size: int = 192
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    head_dim: int = 24
+    init_std: float = 0.1  # every weight matrix and the embedding; the norms at one
+    temperature: float = 0.5
+    end_logit: float = 0.0
+    seed: int = 0  # fixes the teacher's weights (not the run's randomness)
+
+    def __post_init__(self):
+        positive("data.teacher", self, "num_contexts", "num_symbols", "hidden_size", "intermediate_size",
+                 "num_layers", "num_heads", "num_kv_heads", "head_dim", "init_std", "temperature")
+        if self.max_response_length < 2:
+            raise ConfigError(f"data.teacher.max_response_length must be >= 2, got {self.max_response_length}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"data.teacher.num_heads ({self.num_heads}) must be a multiple of "
+                              f"data.teacher.num_kv_heads ({self.num_kv_heads})")
+        if self.head_dim % 2:
+            raise ConfigError(f"data.teacher.head_dim must be even for RoPE, got {self.head_dim}")
+
+
+KNOWN_TRUTH_SOURCES = ("toy", "teacher")  # data.source values whose p_data is known exactly
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Where the real (prompt, response) pairs come from and how they are tokenized.
 
-    `source`: "toy" (the known-truth task), a .jsonl or .parquet file, a `datasets.save_to_disk`
-    directory, or "tfds:NAME" (array_record files under `tfds_data_dir`).
+    `source`: "toy" (the known-truth task: a Markov chain, `toy`), "teacher" (the known-truth task
+    whose p_data is a small fixed transformer, `teacher`), a .jsonl or .parquet file, a
+    `datasets.save_to_disk` directory, or "tfds:NAME" (array_record files under `tfds_data_dir`).
     """
 
     source: str = "toy"
@@ -136,6 +172,12 @@ class DataConfig:
     buckets: tuple[int, ...] = (64, 128, 256, 512, 1024)
     skip_bad_rows: bool = False
     toy: ToyConfig = ToyConfig()
+    teacher: TeacherConfig = TeacherConfig()
+
+    @property
+    def known_truth(self):
+        """The section of a known-truth source (`toy` or `teacher`), else None."""
+        return {"toy": self.toy, "teacher": self.teacher}.get(self.source)
 
     def __post_init__(self):
         positive("data", self, "num_eval", "max_length", "max_prompt_length")
@@ -147,9 +189,13 @@ class DataConfig:
         if self.row_id_field is not None and self.row_ids is None:
             raise ConfigError("data.row_id_field is set but data.row_ids is not: set data.row_ids to the file of "
                               "row ids, or drop data.row_id_field")
-        if self.row_ids is not None and self.source == "toy":
-            raise ConfigError("data.row_ids selects rows of a data file, and data.source=toy has none: set "
-                              "data.source to a file or drop data.row_ids")
+        truth = self.known_truth
+        if truth is not None and self.max_length < 2 + truth.max_response_length:
+            raise ConfigError(f"data.max_length ({self.max_length}) must hold a prompt [BOS, CONTEXT] and a response "
+                              f"of data.{self.source}.max_response_length ({truth.max_response_length}) tokens")
+        if self.row_ids is not None and self.source in KNOWN_TRUTH_SOURCES:
+            raise ConfigError(f"data.row_ids selects rows of a data file, and data.source={self.source} has none: "
+                              "set data.source to a file or drop data.row_ids")
 
 
 PROMPT_FORMATS = ("chat", "spin")
@@ -295,11 +341,12 @@ class SelfPlayConfig:
     mix_previous: bool = False  # SPIN: add the previous iteration's synthetic pairs to this one's
     sft_epochs: int = 0  # SFT warm-up on the real data producing theta_0 (0: none)
     sft_learning_rate: float = 1e-3
-    eval_kl_samples: int = 2000  # known-truth task: responses drawn from p_data to estimate the KL
+    eval_kl_samples: int = 2000  # known-truth task: draws of p_data (kl) and of the model (reverse_kl)
     from_iteration: tuple[str, ...] = ()
     # What every phase is judged by (selfplay.evaluators.EVALUATORS): held-out NLL ("nll"), the loss
-    # and rewards on held-out pairs ("pairs"), KL(p_data || p_theta) on the known-truth task ("kl").
-    # null: nll, pairs, and kl where the task has a known p_data.
+    # and rewards on held-out pairs ("pairs"), KL(p_data || p_theta) on the known-truth task ("kl"),
+    # the quality of the model's own samples there ("reverse_kl": KL(p_theta || p_data), log p_data).
+    # null: nll, pairs, and kl and reverse_kl where the task has a known p_data.
     evaluators: Optional[tuple[str, ...]] = None
 
     def __post_init__(self):
@@ -480,9 +527,9 @@ def check_prompt_format(cfg: RunConfig) -> None:
                           "loss.kind=space trains under the chat template, and SPACE assumes its synthetic responses "
                           "are the opponent's samples under the training prompt: use sampler.prompt_format=chat, or "
                           "set sampler.force_prompt_format=true to run it anyway")
-    if cfg.sampler.prompt_format == "spin" and cfg.data.source == "toy":
-        raise ConfigError("sampler.prompt_format=spin writes text prompts, and data.source=toy has none: use "
-                          "sampler.prompt_format=chat or a text data source")
+    if cfg.sampler.prompt_format == "spin" and cfg.data.source in KNOWN_TRUTH_SOURCES:
+        raise ConfigError(f"sampler.prompt_format=spin writes text prompts, and data.source={cfg.data.source} has "
+                          "none: use sampler.prompt_format=chat or a text data source")
 
 
 def load(path, overrides: typing.Sequence[str] = ()) -> RunConfig:

@@ -6,7 +6,8 @@
                    trainer, objectives, evaluators, each from its config section
     store.py       the run directory: DONE markers, samples, finals, eval.json, step checkpoints
     chunks.py      the opponent's responses kept as they are generated (a stopped run keeps them)
-    evaluators.py  held-out NLL, pair metrics, known-truth KL (the list `selfplay.evaluators` names)
+    evaluators.py  held-out NLL, pair metrics, known-truth KL both ways, lm-eval scores (the list
+                   `selfplay.evaluators` names)
     task.py        the real data: training and held-out examples
 
 Randomness derives from (seed, iteration): generation keys from (seed, iteration, prompt,

@@ -45,13 +45,12 @@ def check(cfg: RunConfig) -> None:
     if cfg.data.num_train and cfg.data.num_train < cfg.train.batch_size:
         raise ConfigError(f"data.num_train ({cfg.data.num_train}) must be at least train.batch_size "
                           f"({cfg.train.batch_size})")
-    if cfg.data.source != "toy" and cfg.data.tokenizer is None and cfg.init_from is None:
+    truth = cfg.data.known_truth  # the section of a known-truth source (toy, teacher), else None
+    if truth is None and cfg.data.tokenizer is None and cfg.init_from is None:
         raise ConfigError("data.tokenizer: text data needs a tokenizer directory (or init_from with one)")
-    if cfg.data.source == "toy":
-        vocab = toy.KnownTruth(cfg.data.toy).vocab_size
-        if cfg.init_from is None and cfg.model.vocab_size < vocab:
-            raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) must be at least the toy task's "
-                              f"vocabulary ({vocab})")
+    if truth is not None and cfg.init_from is None and cfg.model.vocab_size < toy.vocab_size(truth):
+        raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) must be at least the {cfg.data.source} task's "
+                          f"vocabulary ({toy.vocab_size(truth)})")
     if cfg.lora.enabled and cfg.init_from is None:  # else once init_from's architecture is read
         lora.check_rank(cfg.model, cfg.lora)
     evaluators_module.check(cfg)

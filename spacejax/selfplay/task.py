@@ -8,8 +8,8 @@ from typing import Optional
 
 import numpy as np
 
-from spacejax import data, hf, sources, toy
-from spacejax.config import ConfigError, RunConfig
+from spacejax import data, hf, sources, teacher, toy
+from spacejax.config import ConfigError, DataConfig, RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ class Task:
     pad_id: int
     end_ids: tuple[int, ...]
     tokenizer: object = None
-    truth: Optional[toy.KnownTruth] = None
+    truth: Optional[toy.TokenLayout] = None  # p_data of a known-truth task (`known_truth`)
     generation_prompt_ids: list[np.ndarray] = dataclasses.field(init=False)
 
     def __post_init__(self):
@@ -33,14 +33,25 @@ class Task:
                                       for e in self.train + self.eval]
 
 
+def known_truth(data_cfg: DataConfig) -> Optional[toy.TokenLayout]:
+    """p_data of a known-truth source: `data.toy`'s Markov chain (toy.KnownTruth) or `data.teacher`'s
+    transformer (teacher.Teacher); None for a data file."""
+    if data_cfg.source == "toy":
+        return toy.KnownTruth(data_cfg.toy)
+    if data_cfg.source == "teacher":
+        return teacher.Teacher(data_cfg.teacher)
+    return None
+
+
 def load_task(cfg: RunConfig) -> Task:
     """The real pairs: `data.num_eval` held out, then `data.num_train` for training; with
-    `data.row_ids`, the training rows are the listed ones (`listed_split`)."""
+    `data.row_ids`, the training rows are the listed ones (`listed_split`). A known-truth source's
+    are drawn from its p_data (`known_truth`)."""
     rng = np.random.default_rng([cfg.seed, 0xDA7A])
     n_eval, n_train = cfg.data.num_eval, cfg.data.num_train
-    if cfg.data.source == "toy":
-        truth = toy.KnownTruth(cfg.data.toy)
-        contexts = rng.integers(0, cfg.data.toy.num_contexts, n_eval + n_train)
+    truth = known_truth(cfg.data)
+    if truth is not None:
+        contexts = rng.integers(0, truth.task.num_contexts, n_eval + n_train)
         responses = truth.sample(rng, contexts)
         prompts = truth.prompts(contexts).astype(np.int32)
         examples = [data.Example(prompt, response[:np.argmax(response == toy.END) + 1], row_index=i)

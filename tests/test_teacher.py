@@ -1,0 +1,118 @@
+"""The teacher task: its sampler draws from the distribution its log p_data describes, its support
+is the toy's, a bad `data.teacher` is refused naming the key, and the loop runs on it with both
+KL directions."""
+
+import dataclasses
+import itertools
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from scipy import stats
+
+from spacejax import config, metrics, selfplay, teacher, toy
+from spacejax.config import ConfigError
+from spacejax.config import TeacherConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16)
+# every test's teacher, so they share its compiled programs: 3 + 9 + 27 responses per context
+SMALL = TeacherConfig(num_contexts=2, num_symbols=3, max_response_length=4, seed=1, **SIZES)
+
+
+def every_response(task: TeacherConfig) -> np.ndarray:
+    """Every response of the support (a symbol first, END within max_response_length), padded."""
+    symbols = range(toy.FIRST_CONTEXT + task.num_contexts, toy.vocab_size(task))
+    rows = [list(body) + [toy.END] + [toy.PAD] * (task.max_response_length - n - 1)
+            for n in range(1, task.max_response_length) for body in itertools.product(symbols, repeat=n)]
+    return np.array(rows, np.int32)
+
+
+def test_the_samplers_per_step_log_probs_sum_to_the_full_forward_score():
+    truth = teacher.Teacher(SMALL)
+    contexts = np.random.default_rng(0).integers(0, truth.task.num_contexts, 600)  # two chunks, one padded
+    responses, step_logps = truth.sample_with_logprobs(np.random.default_rng(1), contexts)
+    assert responses.shape == (600, truth.task.max_response_length)
+    first_end = np.argmax(responses == toy.END, axis=1)
+    assert (responses == toy.END).any(axis=1).all() and (first_end > 0).all()
+    assert np.all(responses[:, 0] >= truth.first_symbol)
+    assert np.all((responses != toy.PAD) == (np.arange(responses.shape[1]) <= first_end[:, None]))
+    scores = truth.log_prob(contexts, responses)
+    np.testing.assert_allclose(step_logps.sum(axis=1), scores, rtol=1e-5, atol=1e-5)
+    assert len(set(map(tuple, responses))) > 20  # not a degenerate distribution
+    # the same rng gives the same draws; the responses' length varies
+    np.testing.assert_array_equal(truth.sample(np.random.default_rng(1), contexts), responses)
+    assert len(np.unique(first_end)) == 3
+    # what the benchmark states of a teacher: its size and how peaked it is
+    stated = teacher.describe(SMALL)
+    assert stated["params"] == sum(leaf.size for leaf in jax.tree.leaves(truth.params))
+    assert 2 <= stated["mean_length"] <= 4 and 0 < stated["entropy_per_token"] < np.log(4)
+
+
+def test_log_p_data_is_a_distribution_over_the_support_and_samples_follow_it():
+    truth = teacher.Teacher(SMALL)
+    responses = every_response(SMALL)
+    for context in range(SMALL.num_contexts):
+        logps = truth.log_prob(np.full(len(responses), context), responses)
+        assert np.exp(logps).sum() == pytest.approx(1.0, abs=1e-5)
+    expected = np.exp(truth.log_prob(np.zeros(len(responses), int), responses))
+    expected /= expected.sum()  # float32 log-probs: one to ~1e-7, and chisquare wants equal totals
+    assert expected.max() < 0.5  # peaked, not deterministic
+    draws = truth.sample(np.random.default_rng(3), np.zeros(20_000, int))
+    index = {tuple(row): i for i, row in enumerate(responses)}
+    counts = np.bincount([index[tuple(row)] for row in draws], minlength=len(responses))
+    assert counts.sum() == len(draws)  # every draw is inside the support
+    common = expected * len(draws) >= 5  # chi-square needs expected counts >= 5; pool the rest
+    assert common.sum() > 20
+    observed, wanted = counts[common], expected[common] * len(draws)
+    if not common.all():
+        observed, wanted = np.append(observed, counts[~common].sum()), np.append(wanted, expected[~common].sum() * len(draws))
+    assert stats.chisquare(observed, wanted).pvalue > 1e-3
+
+
+def test_responses_outside_the_support_have_zero_probability():
+    truth = teacher.Teacher(SMALL)
+    first = truth.first_symbol
+    impossible = np.array([
+        [toy.END, toy.PAD, toy.PAD, toy.PAD],        # END first
+        [first, first, first, first],                # no END within max_response_length
+        [first, 3, toy.END, toy.PAD],                # a context token inside the response
+        [first, truth.vocab_size, toy.END, toy.PAD],  # an id beyond the teacher's vocabulary (a student's spare)
+    ])
+    assert np.all(truth.log_prob(np.zeros(4, int), impossible) == -np.inf)
+    # a wider array is read up to max_response_length, PAD after END
+    wide = np.array([[first, toy.END, toy.PAD, toy.PAD, toy.PAD, toy.PAD]])
+    assert truth.log_prob(np.zeros(1, int), wide) == pytest.approx(truth.log_prob(np.zeros(1, int), wide[:, :2]))
+
+
+@pytest.mark.parametrize("override, key", [
+    ("data.teacher.num_heads=3", "data.teacher.num_heads"),
+    ("data.teacher.temperature=0", "data.teacher.temperature"),
+    ("data.teacher.max_response_length=1", "data.teacher.max_response_length"),
+    ("data.teacher.head_dim=15", "data.teacher.head_dim"),
+    ("data.teacher.depth=3", "data.teacher.depth"),
+    ("data.teacher.max_response_length=20", "data.max_length"),
+])
+def test_a_bad_teacher_config_names_its_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as error:
+        config.load(ROOT / "configs" / "tiny_space.yaml", ["data.source=teacher", override])
+    assert "\n" not in str(error.value)
+
+
+def test_the_loop_on_the_teacher_task_reports_both_kl_directions(tmp_path):
+    overrides = ["data.source=teacher", *(f"data.teacher.{k}={v}" for k, v in dataclasses.asdict(SMALL).items()),
+                 "selfplay.sft_epochs=2", "selfplay.iterations=1", "data.num_train=32", "data.num_eval=16",
+                 "selfplay.eval_kl_samples=128", "train.epochs=1", "train.batch_size=16",
+                 "checkpoint.every_steps=1000"]
+    cfg = config.load(ROOT / "configs" / "tiny_space.yaml", overrides)
+    last = selfplay.run(cfg, tmp_path)
+    truth = selfplay.load_task(cfg).truth
+    assert isinstance(truth, teacher.Teacher)
+    evaluations = [r for r in metrics.read(tmp_path) if r.get("event", "").endswith("_end")]
+    assert [r["iteration"] for r in evaluations] == [-1, 0]
+    for record in evaluations + [last]:
+        assert record["eval/kl"] > 0 and record["eval/kl_stderr"] > 0
+        assert 0 <= record["eval/outside_support"] < 1
+        assert np.isfinite(record["eval/reverse_kl"]) and record["eval/reverse_kl_stderr"] > 0
+        assert record["eval/sample_logp_data"] < 0
