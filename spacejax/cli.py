@@ -63,7 +63,7 @@ def train(args: argparse.Namespace) -> int:
     print(f"done: {args.workdir} ({summary}); curves in {metrics.log_path(args.workdir)}")
 
 
-SUMMARY_KEYS = ("eval/kl", "eval/nll_per_token", "eval/loss_start", "eval/loss_end")
+SUMMARY_KEYS = ("eval/kl", "eval/reverse_kl", "eval/nll_per_token", "eval/loss_start", "eval/loss_end")
 
 
 def generate(args: argparse.Namespace) -> None:
@@ -174,10 +174,17 @@ def plan_memory(args: argparse.Namespace) -> int:
 
 
 def bench_stability(args: argparse.Namespace) -> None:
-    """SPIN, SPACE and SFT from a shared theta_0 over seeds: curves.json/csv, plots, summary.md."""
-    methods = [m for group in args.methods for m in group.split(",") if m] if args.methods else bench.DEFAULT_METHODS
-    bench.stability(args.config, args.out, seeds=args.seeds, methods=methods, overrides=args.overrides,
-                    first_seed=args.first_seed)
+    """SPIN, SPACE and SFT from a shared theta_0 over seeds and theta_0 regimes: curves.json/csv,
+    plots, summary.md."""
+    def listed(groups):
+        return [m for group in groups for m in group.split(",") if m] if groups else None
+
+    if args.compilation_cache != "none" and not jax.config.jax_compilation_cache_dir:
+        # every run of the benchmark compiles the same programs: each compiles once (halves a run's time)
+        jax.config.update("jax_compilation_cache_dir", args.compilation_cache or os.path.join(args.out, "jax_cache"))
+    bench.stability(args.config, args.out, seeds=args.seeds, methods=listed(args.methods) or bench.DEFAULT_METHODS,
+                    overrides=args.overrides, first_seed=args.first_seed, theta0=args.theta0,
+                    theta0_methods=listed(args.theta0_methods))
     print(f"wrote {args.out}/curves.json, curves.csv, kl.png, steps.png, summary.md")
 
 
@@ -205,6 +212,14 @@ def plot_runs(args: argparse.Namespace) -> None:
 
 def _int_list(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in text.split(",") if part)
+
+
+def _multiples(text: str) -> tuple[int, ...]:
+    """`1x,4x` (or `1,4`) -> (1, 4)."""
+    try:
+        return tuple(int(part.strip().removesuffix("x")) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give whole multiples of N, like 1x,4x") from None
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -346,12 +361,23 @@ def build_parser() -> argparse.ArgumentParser:
     benchmarks = p.add_subparsers(dest="benchmark", required=True)
     p = benchmarks.add_parser("stability", help="SPIN, SPACE, SFT from one theta_0 per seed: KL and loss curves", parents=[debug])
     p.add_argument("--config", required=True, help="a YAML file of configs/ (configs/stability.yaml)")
-    p.add_argument("--out", required=True, help="output directory (runs in OUT/seed_S/METHOD; resumes)")
+    p.add_argument("--out", required=True, help="output directory (runs in OUT/seed_S/METHOD and "
+                   "OUT/theta0_KN/seed_S/METHOD; resumes)")
     p.add_argument("--seeds", type=int, default=5, help="number of seeds (default 5)")
     p.add_argument("--first-seed", type=int, default=0)
-    p.add_argument("--methods", action="append", metavar="KIND[:KEY=VALUE]...,...",
-                   help="comma-separated methods (repeatable), e.g. spin:beta=0.1,space:mu=2,sft,dpo:beta=0.1; "
-                        "default: " + ",".join(bench.DEFAULT_METHODS))
+    p.add_argument("--methods", action="append", metavar="KIND[:recipe][:KEY=VALUE]...,...",
+                   help="comma-separated methods of the theta_0-on-N regime (repeatable), e.g. "
+                        "spin:beta=0.1,space:mu=2,sft,sft:data=4x,spin:recipe,dpo:beta=0.1; default: "
+                        + ",".join(bench.DEFAULT_METHODS))
+    p.add_argument("--theta0", type=_multiples, default=bench.DEFAULT_THETA0, metavar="Kx,...",
+                   help="theta_0 regimes: theta_0 is SFT on K x N samples, every method then trains on N (default "
+                        + ",".join(f"{k}x" for k in bench.DEFAULT_THETA0) + "; 1x alone is issue 7's benchmark)")
+    p.add_argument("--theta0-methods", action="append", metavar="METHOD,...",
+                   help="the methods of the regimes K > 1 (default: " + ",".join(bench.DEFAULT_THETA0_METHODS)
+                        + "); their theta_0 run is the first on K x N samples, else sft:data=Kx for one iteration")
+    p.add_argument("--compilation-cache", metavar="DIR", help="JAX's persistent compilation cache, so the runs share "
+                   "their compiled programs (default OUT/jax_cache, unless JAX_COMPILATION_CACHE_DIR is set; "
+                   "none: no cache)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides for every run")
     p.set_defaults(run=bench_stability)
     p = benchmarks.add_parser("throughput", help="tokens/s, MFU, decode roofline and memory of issue 8's model",

@@ -116,3 +116,16 @@ def test_the_loop_on_the_teacher_task_reports_both_kl_directions(tmp_path):
         assert 0 <= record["eval/outside_support"] < 1
         assert np.isfinite(record["eval/reverse_kl"]) and record["eval/reverse_kl_stderr"] > 0
         assert record["eval/sample_logp_data"] < 0
+
+
+@pytest.mark.parametrize("source", ["toy", "teacher"])
+def test_known_truth_draws_are_nested_so_n_real_samples_are_the_first_n_of_4n(source):
+    """A run on N real samples trains on the first N of a run on 4N (across a draw block: 600 > 512)
+    and both hold out the same examples: the data budgets of the benchmark compare like with like."""
+    teacher_keys = [f"data.teacher.{k}={v}" for k, v in dataclasses.asdict(SMALL).items()] if source == "teacher" else []
+    small, large = (selfplay.load_task(config.load(ROOT / "configs" / "tiny_space.yaml", [
+        f"data.source={source}", *teacher_keys, f"data.num_train={n}", "data.num_eval=16"])) for n in (600, 2400))
+    as_lists = lambda examples: [(e.prompt_ids.tolist(), e.real_ids.tolist(), e.row_index) for e in examples]  # noqa: E731
+    assert as_lists(small.train) == as_lists(large.train[:600]) and as_lists(small.eval) == as_lists(large.eval)
+    responses = [e.real_ids.tolist() for e in large.train]
+    assert responses[:20] != responses[512:532]  # the blocks are not copies of each other

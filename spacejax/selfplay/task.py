@@ -43,6 +43,25 @@ def known_truth(data_cfg: DataConfig) -> Optional[toy.TokenLayout]:
     return None
 
 
+HELD_OUT_STREAM, TRAIN_STREAM = 0, 1
+DRAW_BLOCK = 512  # examples per random stream block of a known-truth task (one teacher sampler call)
+
+
+def draw_examples(truth: toy.TokenLayout, seed: int, stream: int, n: int, first_row: int) -> list[data.Example]:
+    """n examples drawn from p_data, nested: the first m of them are the same for every n >= m
+    (block k of a stream has its own rng), so a run on 4N real samples trains on the N of a run
+    on N, and both hold out the same examples. Row indices count from `first_row`."""
+    examples = []
+    for block in range(-(-n // DRAW_BLOCK)):
+        rng = np.random.default_rng([seed, 0xDA7A, stream, block])
+        contexts = rng.integers(0, truth.task.num_contexts, DRAW_BLOCK)
+        responses = truth.sample(rng, contexts)
+        examples += [data.Example(prompt, response[:np.argmax(response == toy.END) + 1],
+                                  row_index=first_row + len(examples) + j)
+                     for j, (prompt, response) in enumerate(zip(truth.prompts(contexts).astype(np.int32), responses))]
+    return examples[:n]
+
+
 def load_task(cfg: RunConfig) -> Task:
     """The real pairs: `data.num_eval` held out, then `data.num_train` for training; with
     `data.row_ids`, the training rows are the listed ones (`listed_split`). A known-truth source's
@@ -51,12 +70,9 @@ def load_task(cfg: RunConfig) -> Task:
     n_eval, n_train = cfg.data.num_eval, cfg.data.num_train
     truth = known_truth(cfg.data)
     if truth is not None:
-        contexts = rng.integers(0, truth.task.num_contexts, n_eval + n_train)
-        responses = truth.sample(rng, contexts)
-        prompts = truth.prompts(contexts).astype(np.int32)
-        examples = [data.Example(prompt, response[:np.argmax(response == toy.END) + 1], row_index=i)
-                    for i, (prompt, response) in enumerate(zip(prompts, responses))]
-        return Task(examples[n_eval:], examples[:n_eval], toy.PAD, (toy.END,), truth=truth)
+        held_out = draw_examples(truth, cfg.seed, HELD_OUT_STREAM, n_eval, first_row=0)
+        train = draw_examples(truth, cfg.seed, TRAIN_STREAM, n_train, first_row=n_eval)
+        return Task(train, held_out, toy.PAD, (toy.END,), truth=truth)
     tokenizer = hf.load_tokenizer(cfg.data.tokenizer or hf.resolve_init_from(cfg.init_from, cfg.init_from_revision))
     rows = sources.read_rows(cfg.data.source, split=cfg.data.split, data_dir=cfg.data.tfds_data_dir)
     name = data.source_name(cfg.data.source, cfg.data.split)
