@@ -339,7 +339,7 @@ def test_decode_loop_exits_when_every_row_has_ended(tiny):
                             np.zeros(4, np.int32), np.ones(4, bool), np.int32(0), max_new_tokens=MAX_NEW,
                             keep_logprobs=True)
     all_ids = jnp.arange(cfg.vocab_size, dtype=jnp.int32)  # every token ends a row
-    state = sampler.decode(cfg, weights, state, all_ids, np.int32(0), strategy=SAMPLING)
+    state = sampler.decode(cfg, weights, state, all_ids, strategy=SAMPLING)
     assert int(state.step) == 1 and (np.asarray(state.lengths) == 1).all()
 
 
@@ -374,6 +374,46 @@ def test_sharded_generation_equals_unsharded(tiny):
     gathered = sample_tiny((cfg, fsdp_params), prompts, batch_size=4, mesh=mesh, gather_weights=True)
     np.testing.assert_array_equal(gathered.tokens, reference.tokens)
     np.testing.assert_allclose(gathered.logprobs, reference.logprobs, atol=1e-5)
+
+
+VARIED_LENGTHS = (3, 20, 9, 30, 1, 14, 25, 5)  # buckets 16 and 32
+VARIED = dict(max_new_tokens=24, end_ids=(17, 122, 67), buckets=(16, 32), num_samples=4, batch_size=8,
+              return_logprobs=True)  # these end ids end rows after anywhere from 1-3 to 24 tokens
+
+
+def test_continuous_batching_draws_the_tokens_static_batching_does(tiny, capsys):
+    cfg, params = tiny
+    prompts = random_prompts(cfg.vocab_size, VARIED_LENGTHS, seed=3)
+    sampling = sampler.Sampling(temperature=1.0, top_p=0.9)
+    static = sampler.generate(cfg, params, prompts, 0, sampling, continuous=False, progress=False, **VARIED)
+    assert static.lengths.min() <= 3 and (static.lengths == 24).any() and len(set(static.lengths)) > 8
+    reported = []
+    continuous = sampler.generate(cfg, params, prompts, 0, sampling, progress=True, **VARIED,
+                                  on_rows=lambda *got: reported.append([np.copy(x) for x in got]))
+    np.testing.assert_array_equal(continuous.tokens, static.tokens)
+    np.testing.assert_array_equal(continuous.lengths, static.lengths)
+    np.testing.assert_array_equal(continuous.finished, static.finished)
+    # not bitwise: static caches hold bucket - 1 + T slots, continuous ones the longest bucket's,
+    # so attention sums over rows of other lengths (and prefills run other batch sizes)
+    np.testing.assert_allclose(continuous.logprobs, static.logprobs, rtol=0, atol=1e-5)
+    # slots were refilled: static batches idle until their longest row ends
+    assert continuous.decode_steps < static.decode_steps
+    assert continuous.useful_fraction() > static.useful_fraction() + 0.2
+    # every row handed over exactly once, as it finished, with its final tokens
+    assert sorted(np.concatenate([rows for rows, _, _ in reported]).tolist()) == list(range(32)) and len(reported) > 4
+    for rows, tokens, lengths in reported:
+        np.testing.assert_array_equal(tokens, continuous.tokens[rows])
+        np.testing.assert_array_equal(lengths, continuous.lengths[rows])
+    bar = capsys.readouterr().err
+    assert "8/8 prompts" in bar and "tokens/s" in bar and "ETA" in bar
+
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
+    sharded = sampler.generate(cfg, params, prompts, 0, sampling, mesh=mesh, refill_rows=4, progress=False, **VARIED)
+    np.testing.assert_array_equal(sharded.tokens, static.tokens)
+    np.testing.assert_allclose(sharded.logprobs, static.logprobs, rtol=0, atol=1e-5)
+    assert sharded.useful_fraction() > static.useful_fraction()
+    with pytest.raises(ValueError, match=r"refill_rows = 2 is not divisible by mesh data x fsdp = 4"):
+        sampler.generate(cfg, params, prompts, 0, sampling, mesh=mesh, refill_rows=2, progress=False, **VARIED)
 
 
 TWO_BY_TWO_BY_TWO = MeshConfig(data=2, fsdp=2, tensor=2)

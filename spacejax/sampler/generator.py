@@ -57,7 +57,7 @@ class SamplerGenerator:
     """`sampler.generate` behind the Generator interface: one call for all requests (batched and
     bucketed by the sampler), decoding up to the largest token limit; each response is then cut to
     its own request's limit and stop sequences (a stop sequence does not end decoding early).
-    With a `preemption`, each decoded batch is a check point: a stop there raises Preempted after
+    With a `preemption`, each decoded chunk is a check point: a stop there raises Preempted after
     `on_chunk` got the requests completed so far."""
 
     model_cfg: ModelConfig
