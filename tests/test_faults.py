@@ -165,7 +165,8 @@ def test_sigkill_during_generation_keeps_the_written_chunks_and_the_rerun_genera
     generate = sampler.SamplerGenerator.generate
 
     def count_requests(self, params, requests, *args, indices=None, **kwargs):
-        requested.append(sorted(indices))
+        if indices is not None:  # the opponent's requests (the reverse_kl evaluator samples without indices)
+            requested.append(sorted(indices))
         return generate(self, params, requests, *args, indices=indices, **kwargs)
 
     monkeypatch.setattr(sampler.SamplerGenerator, "generate", count_requests)
