@@ -1,15 +1,13 @@
-"""The teacher task: its sampler draws from the distribution its log p_data describes, its support
-is the toy's, a bad `data.teacher` is refused naming the key, and the loop runs on it with both
-KL directions."""
+"""The teacher task: its sampler's per-step log-probs are its full forward's score (its support and
+sampling: tests/test_known_truth.py), a bad `data.teacher` is refused naming the key, and the loop
+runs on it with both KL directions."""
 
 import dataclasses
-import itertools
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-from scipy import stats
 
 from spacejax import config, metrics, selfplay, teacher, toy
 from spacejax.config import ConfigError
@@ -17,16 +15,8 @@ from spacejax.config import TeacherConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16)
-# every test's teacher, so they share its compiled programs: 3 + 9 + 27 responses per context
+# every test's teacher (tests/test_known_truth.py's too), so they share its compiled programs
 SMALL = TeacherConfig(num_contexts=2, num_symbols=3, max_response_length=4, seed=1, **SIZES)
-
-
-def every_response(task: TeacherConfig) -> np.ndarray:
-    """Every response of the support (a symbol first, END within max_response_length), padded."""
-    symbols = range(toy.FIRST_CONTEXT + task.num_contexts, toy.vocab_size(task))
-    rows = [list(body) + [toy.END] + [toy.PAD] * (task.max_response_length - n - 1)
-            for n in range(1, task.max_response_length) for body in itertools.product(symbols, repeat=n)]
-    return np.array(rows, np.int32)
 
 
 def test_the_samplers_per_step_log_probs_sum_to_the_full_forward_score():
@@ -48,42 +38,6 @@ def test_the_samplers_per_step_log_probs_sum_to_the_full_forward_score():
     stated = teacher.describe(SMALL)
     assert stated["params"] == sum(leaf.size for leaf in jax.tree.leaves(truth.params))
     assert 2 <= stated["mean_length"] <= 4 and 0 < stated["entropy_per_token"] < np.log(4)
-
-
-def test_log_p_data_is_a_distribution_over_the_support_and_samples_follow_it():
-    truth = teacher.Teacher(SMALL)
-    responses = every_response(SMALL)
-    for context in range(SMALL.num_contexts):
-        logps = truth.log_prob(np.full(len(responses), context), responses)
-        assert np.exp(logps).sum() == pytest.approx(1.0, abs=1e-5)
-    expected = np.exp(truth.log_prob(np.zeros(len(responses), int), responses))
-    expected /= expected.sum()  # float32 log-probs: one to ~1e-7, and chisquare wants equal totals
-    assert expected.max() < 0.5  # peaked, not deterministic
-    draws = truth.sample(np.random.default_rng(3), np.zeros(20_000, int))
-    index = {tuple(row): i for i, row in enumerate(responses)}
-    counts = np.bincount([index[tuple(row)] for row in draws], minlength=len(responses))
-    assert counts.sum() == len(draws)  # every draw is inside the support
-    common = expected * len(draws) >= 5  # chi-square needs expected counts >= 5; pool the rest
-    assert common.sum() > 20
-    observed, wanted = counts[common], expected[common] * len(draws)
-    if not common.all():
-        observed, wanted = np.append(observed, counts[~common].sum()), np.append(wanted, expected[~common].sum() * len(draws))
-    assert stats.chisquare(observed, wanted).pvalue > 1e-3
-
-
-def test_responses_outside_the_support_have_zero_probability():
-    truth = teacher.Teacher(SMALL)
-    first = truth.first_symbol
-    impossible = np.array([
-        [toy.END, toy.PAD, toy.PAD, toy.PAD],        # END first
-        [first, first, first, first],                # no END within max_response_length
-        [first, 3, toy.END, toy.PAD],                # a context token inside the response
-        [first, truth.vocab_size, toy.END, toy.PAD],  # an id beyond the teacher's vocabulary (a student's spare)
-    ])
-    assert np.all(truth.log_prob(np.zeros(4, int), impossible) == -np.inf)
-    # a wider array is read up to max_response_length, PAD after END
-    wide = np.array([[first, toy.END, toy.PAD, toy.PAD, toy.PAD, toy.PAD]])
-    assert truth.log_prob(np.zeros(1, int), wide) == pytest.approx(truth.log_prob(np.zeros(1, int), wide[:, :2]))
 
 
 @pytest.mark.parametrize("override, key", [
