@@ -14,7 +14,8 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 EXPECTED = {
     "01_quickstart.ipynb": ["01_quickstart/quickstart.png", "01_quickstart/plots/kl.png",
                             "01_quickstart/plots/steps.png"],
-    "02_space_vs_spin.ipynb": ["02_space_vs_spin/kl.png", "02_space_vs_spin/steps.png"],
+    "02_space_vs_spin.ipynb": ["02_space_vs_spin/tasks.png", "02_space_vs_spin/markov/kl.png",
+                               "02_space_vs_spin/teacher/kl.png", "02_space_vs_spin/teacher/steps.png"],
     "03_ablation_mu_beta.ipynb": ["03_ablation_mu_beta/ablation.png", "03_ablation_mu_beta/kl.png"],
 }
 
