@@ -478,6 +478,7 @@ def summary(curves: dict) -> str:
             for members in regimes.values() if falling else ():
                 lines += findings({m: table[m] for m in members.values() if m in table})
             lines.append("")
+    lines += theta0_regimes(curves, kl_table(curves, "eval/kl"))
     lines += claims.paired_sections(curves, regime_label)
     lines += claims.claims_section(curves, regime_label)
     return "\n".join(lines) + "\n"
@@ -507,6 +508,31 @@ def table_lines(curves: dict, table: dict, falling: bool) -> list[str]:
         lines += ["", "Monotone: the mean falls at every iteration (from theta_0 on); monotone seeds: how many "
                   "seeds' own curves do.", ""]
     return lines
+
+
+def theta0_regimes(curves: dict, table: dict) -> list[str]:
+    """How far each regime's theta_0 is from what maximum likelihood reaches on the task: its forward
+    KL against the best mean of each continued-SFT curve from theta_0 on N (`sft` on N, `sft:data=Kx`
+    on K x N; the best iteration is chosen after the fact, so it is the most those samples gave)."""
+    index = claims.curve_index(curves)
+    means = {lab: {i: float(np.mean(v)) for i, v in its.items()} for lab, its in table.items()}
+    limits = {}  # data multiple K -> (curve, best iteration, its mean KL)
+    for method, lab in index.get(1, {}).items():
+        if method.split(":")[0] == "sft" and lab in means:
+            best = min(means[lab], key=means[lab].get)
+            limits.setdefault(parse_method(method).data, (lab, best, means[lab][best]))
+    starts = {k: next(means[lab][-1] for lab in members.values() if lab in means and -1 in means[lab])
+              for k, members in index.items() if any(-1 in means.get(lab, {}) for lab in members.values())}
+    if not limits or not starts:
+        return []
+    lines = ["## The theta_0 regimes: how far theta_0 is from what maximum likelihood reaches", "",
+             "Forward KL of theta_0 against the best mean of continued SFT from theta_0 on N (over its iterations, "
+             "-1 included, chosen after the fact: the most maximum likelihood got from those samples here).", ""]
+    for k, start in starts.items():
+        reach = "; ".join(f"{start - value:+.3f} nats above SFT on {m if m != 1 else ''}N's best ({value:.3f}, "
+                          f"{lab} at it {best})" for m, (lab, best, value) in sorted(limits.items()))
+        lines.append(f"- {regime_label(k)}: theta_0 {start:.3f}; {reach}.")
+    return lines + [""]
 
 
 def _sd(values) -> float:
