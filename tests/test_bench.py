@@ -309,10 +309,11 @@ def test_summary_plot_and_csv_of_the_new_keys(tmp_path):
     start = 2.0 + offset + np.mean([noise(seed, -1) for seed in SYNTHETIC_SEEDS])
     at_5 = 2.0 + offset + np.mean([noise(seed, 5) for seed in SYNTHETIC_SEEDS])
     sft, sft_4n = at_5 - 0.12 * 6, at_5 - 0.2 * 6
-    assert (f"- theta_0 on N: theta_0 {start:.3f}; {start - sft:+.3f} nats above SFT on N's best ({sft:.3f}, sft at "
-            f"it 5); {start - sft_4n:+.3f} nats above SFT on 4N's best ({sft_4n:.3f}, sft:data=4x at it 5).") in summary
+    assert (f"- theta_0 on N: theta_0 {start:.3f}; minus SFT on N's best ({sft:.3f}, sft at it 5): {start - sft:+.3f}; "
+            f"minus SFT on 4N's best ({sft_4n:.3f}, sft:data=4x at it 5): {start - sft_4n:+.3f}.") in summary
     start_4n = 1.0 + offset + np.mean([noise(seed, -1) for seed in SYNTHETIC_SEEDS])
-    assert f"- theta_0 on 4N: theta_0 {start_4n:.3f}; {start_4n - sft:+.3f} nats above SFT on N's best" in summary
+    assert (f"- theta_0 on 4N: theta_0 {start_4n:.3f}; minus SFT on N's best ({sft:.3f}, sft at it 5): "
+            f"{start_4n - sft:+.3f};") in summary
     # sft:data=4x minus space:mu=1 at iteration 0: -0.1 in every seed (the noise is the same for both)
     row = next(line for line in summary.splitlines() if line.startswith("| sft:data=4x | -0.100"))
     assert "3-/0+" in row

@@ -529,8 +529,8 @@ def theta0_regimes(curves: dict, table: dict) -> list[str]:
              "Forward KL of theta_0 against the best mean of continued SFT from theta_0 on N (over its iterations, "
              "-1 included, chosen after the fact: the most maximum likelihood got from those samples here).", ""]
     for k, start in starts.items():
-        reach = "; ".join(f"{start - value:+.3f} nats above SFT on {m if m != 1 else ''}N's best ({value:.3f}, "
-                          f"{lab} at it {best})" for m, (lab, best, value) in sorted(limits.items()))
+        reach = "; ".join(f"minus SFT on {m if m != 1 else ''}N's best ({value:.3f}, {lab} at it {best}): "
+                          f"{start - value:+.3f}" for m, (lab, best, value) in sorted(limits.items()))
         lines.append(f"- {regime_label(k)}: theta_0 {start:.3f}; {reach}.")
     return lines + [""]
 
