@@ -188,6 +188,8 @@ def test_plan_puts_each_regimes_theta0_run_first():
     assert runs[2].cfg.selfplay.sft_epochs > 0 and runs[3].cfg.selfplay.sft_epochs == 0
     with pytest.raises(config.ConfigError, match="repeats"):
         bench.plan(CONFIG, "/tmp/out", seeds=1, methods=("space:mu=1", "space:mu=1.0"))
+    with pytest.raises(config.ConfigError, match="at least 1 seed"):
+        bench.plan(CONFIG, "/tmp/out", seeds=0)
 
 
 @pytest.mark.parametrize("path", [CONFIG, TEACHER_CONFIG])

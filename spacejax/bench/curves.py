@@ -228,6 +228,8 @@ def plan(config_path, out, seeds: int = 5, methods: Sequence[str] = DEFAULT_METH
     built and checked before anything runs. `methods` are regime 1's; regimes K > 1 run
     `theta0_methods` (default: DEFAULT_THETA0_METHODS)."""
     out = Path(out).absolute()
+    if seeds < 1:
+        raise config.ConfigError(f"seeds {seeds}: the benchmark needs at least 1 seed (--seeds 5)")
     if not theta0 or any(k < 1 for k in theta0) or len(set(theta0)) != len(theta0):
         raise config.ConfigError(f"theta0 regimes {list(theta0)}: give distinct whole multiples >= 1 of N (1, 4)")
     runs = []
