@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from test_teacher import SMALL as TEACHER
+
 from spacejax import teacher, toy
-from spacejax.config import TeacherConfig, ToyConfig
+from spacejax.config import ToyConfig
 
 # small supports: 3 + 9 + 27 responses per context
 MARKOV = ToyConfig(num_contexts=2, num_symbols=3, max_response_length=4, seed=3)
-TEACHER = TeacherConfig(num_contexts=2, num_symbols=3, max_response_length=4, seed=1, hidden_size=32,
-                        intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16)
 TRUTHS = {"markov": lambda: toy.KnownTruth(MARKOV), "teacher": lambda: teacher.Teacher(TEACHER)}
 # how far the probabilities of the whole support may sum from 1: the chain is float64 numpy, the
 # teacher a float32 forward

@@ -15,7 +15,8 @@ from spacejax.config import TeacherConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16)
-# every test's teacher (tests/test_known_truth.py's too), so they share its compiled programs
+# every test's teacher (tests/test_known_truth.py's too), so they share its compiled programs: 3 + 9 + 27
+# responses per context
 SMALL = TeacherConfig(num_contexts=2, num_symbols=3, max_response_length=4, seed=1, **SIZES)
 
 

@@ -473,14 +473,15 @@ def summary(curves: dict) -> str:
              "shared by the methods of a regime; iteration t is theta_{t+1}, the player after self-play iteration t. "
              f"Mean ± sd over the {len(seeds)} seed(s) (sd with ddof=1; 0 for one seed).", ""]
     lines += [f"- {note}" for note in curves.get("notes", [])] + ([""] if curves.get("notes") else [])
+    tables = {key: kl_table(curves, key) for key, _, _ in SUMMARY_TABLES}
     for key, title, falling in SUMMARY_TABLES:
-        table = kl_table(curves, key)
+        table = tables[key]
         if table:
             lines += [f"## {title}", ""] + table_lines(curves, table, falling)
             for members in regimes.values() if falling else ():
                 lines += findings({m: table[m] for m in members.values() if m in table})
             lines.append("")
-    lines += theta0_regimes(curves, kl_table(curves, "eval/kl"))
+    lines += theta0_regimes(curves, tables["eval/kl"])
     lines += claims.paired_sections(curves, regime_label)
     lines += claims.claims_section(curves, regime_label)
     return "\n".join(lines) + "\n"
@@ -523,8 +524,11 @@ def theta0_regimes(curves: dict, table: dict) -> list[str]:
         if method.split(":")[0] == "sft" and lab in means:
             best = min(means[lab], key=means[lab].get)
             limits.setdefault(parse_method(method).data, (lab, best, means[lab][best]))
-    starts = {k: next(means[lab][-1] for lab in members.values() if lab in means and -1 in means[lab])
-              for k, members in index.items() if any(-1 in means.get(lab, {}) for lab in members.values())}
+    starts = {}  # regime K -> theta_0's mean KL (every curve of a regime starts from it)
+    for k, members in index.items():
+        first = [means[lab][-1] for lab in members.values() if -1 in means.get(lab, {})]
+        if first:
+            starts[k] = first[0]
     if not limits or not starts:
         return []
     lines = ["## The theta_0 regimes: how far theta_0 is from what maximum likelihood reaches", "",
@@ -601,6 +605,16 @@ def plot(curves: dict, out) -> list[Path]:
     return written
 
 
+def plot_band(ax, by_iteration: dict, label: str, color=None, style: str = "-") -> np.ndarray:
+    """One curve on `ax`: {iteration: [value of each seed]} as the mean over seeds per iteration with a
+    min-max band; returns every value plotted."""
+    its = sorted(by_iteration)
+    values = [np.asarray(by_iteration[i], float) for i in its]
+    line, = ax.plot(its, [v.mean() for v in values], style, marker="o", color=color, label=label)
+    ax.fill_between(its, [v.min() for v in values], [v.max() for v in values], color=line.get_color(), alpha=0.12)
+    return np.concatenate(values)
+
+
 def plot_kl(curves: dict, path: Path, colors, styles) -> Path:
     """One row of panels per theta_0 regime, one column per KL_PLOTS key the runs have: the mean over
     seeds per iteration with a min-max band (log scale for a KL whose values are all positive)."""
@@ -617,15 +631,9 @@ def plot_kl(curves: dict, path: Path, colors, styles) -> Path:
             table = kl_table(curves, key)
             finite = []
             for method in members.values():
-                if method not in table:
-                    continue
-                its = sorted(table[method])
-                values = [np.array(table[method][i]) for i in its]
-                finite += [v for v in np.concatenate(values) if np.isfinite(v)]
-                ax.plot(its, [v.mean() for v in values], styles[method], marker="o", color=colors[method],
-                        label=method)
-                ax.fill_between(its, [v.min() for v in values], [v.max() for v in values], color=colors[method],
-                                alpha=0.12)
+                if method in table:
+                    values = plot_band(ax, table[method], method, colors[method], styles[method])
+                    finite += [v for v in values if np.isfinite(v)]
             ax.set_xlabel("iteration (-1 = theta_0 after SFT; t = player after self-play iteration t)")
             ax.set_ylabel(axis + (", log scale" if log and finite and min(finite) > 0 else ""))
             ax.set_title(f"{regime_label(regime)}: mean over {len(seeds)} seed(s), band = min-max", fontsize=10)
@@ -712,18 +720,10 @@ def plot_benchmarks(curves: dict, path: Path, methods, colors, styles) -> Path:
     fig = Figure(figsize=(4.5 * columns, 3.5 * rows))
     axes = np.atleast_1d(fig.subplots(rows, columns, squeeze=False)).flat
     for key, ax in zip(keys, axes):
+        table = kl_table(curves, key)
         for method in methods:
-            by_iteration: dict = {}
-            for r in curves["records"]:
-                if r["record"] == "eval" and r["method"] == method and key in r:
-                    by_iteration.setdefault(r["iteration"], []).append(float(r[key]))
-            if not by_iteration:
-                continue
-            its = sorted(by_iteration)
-            values = [np.array(by_iteration[i]) for i in its]
-            ax.plot(its, [v.mean() for v in values], styles[method], marker="o", color=colors[method], label=method)
-            ax.fill_between(its, [v.min() for v in values], [v.max() for v in values], color=colors[method],
-                            alpha=0.12)
+            if method in table:
+                plot_band(ax, table[method], method, colors[method], styles[method])
         ax.set_title(key[len(BENCHMARK_PREFIX):], fontsize=10)
         ax.set_xlabel("iteration (-1 = theta_0)")
         ax.grid(alpha=0.3)
