@@ -13,8 +13,9 @@ SFT from one shared theta_0 on a task with known p_data, over several seeds, thr
     DIR/steps.png                    per-step loss, rewards/real, rewards/generated, logps/real with
                                      iteration boundaries
     DIR/summary.md                   per iteration: both KLs, the samples' log p_data and support (mean,
-                                     sd); paired differences between methods over seeds (spacejax.bench.
-                                     claims); one row per claim of PAPER.md with its measured answer
+                                     sd); each theta_0 regime against what continued SFT reached; paired
+                                     differences between methods over seeds (spacejax.bench.claims); one
+                                     row per claim of PAPER.md with its measured answer
 
 theta_0 is shared: for each seed and regime one run (the regime's theta_0 run) does the SFT warm-up
 (workdir/sft/, iteration -1); every other method of that seed and regime starts from its params
